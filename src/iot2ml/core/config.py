@@ -1,0 +1,86 @@
+"""One typed settings object for every component.
+
+Precedence: explicit argument > environment (``IOT2ML_<FIELD>``) > ``iot2ml.toml`` > default.
+The TOML file is ``$IOT2ML_CONFIG`` if set, else ``./iot2ml.toml`` if present.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from .errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Settings of the whole platform. Every component reads the same object."""
+
+    model_config = SettingsConfigDict(env_prefix="IOT2ML_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path("./data"), description="Where the lake, broker store, catalog and run files live.")
+    host: str = Field("127.0.0.1", description="Address the broker and the API listen on.")
+    nats_port: int = Field(4222, ge=0, le=65535, description="NATS client port of the embedded broker (0 = pick a free one).")
+    mqtt_port: int = Field(1883, ge=0, le=65535, description="MQTT port of the embedded broker (0 = pick a free one).")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP API port (0 = pick a free one).")
+    catalog_url: str | None = Field(None, description="SQLAlchemy URL of the device catalog; default sqlite under data_dir.")
+    lake_uri: str | None = Field(None, description="Where Delta tables live: a path or s3://bucket/prefix; default data_dir/lake.")
+    lake_storage_options: dict[str, str] = Field(default_factory=dict, description="deltalake storage options (S3 endpoint, keys).")
+    mqtt_url: str | None = Field(None, description="External MQTT broker to ingest from, e.g. mqtt://host:1883.")
+    mqtt_username: str | None = Field(None, description="Username for the external MQTT broker.")
+    mqtt_password: str | None = Field(None, description="Password for the external MQTT broker.")
+    max_payload_bytes: int = Field(256 * 1024, gt=0, description="Largest accepted message or HTTP body, in bytes.")
+    flush_interval: float = Field(0.5, gt=0, le=60, description="Seconds between lake commits while data flows.")
+    flush_max_rows: int = Field(200_000, gt=0, description="Commit early once this many readings are buffered.")
+    queue_max_messages: int = Field(200_000, gt=0, description="Messages buffered in the ingest before it stops reading.")
+    dedup_window: float = Field(600.0, ge=0, description="Seconds a (device_id, msg_id) pair is remembered to drop resends.")
+    raw_retention_days: float = Field(30.0, gt=0, description="Rows of the raw table older than this are deleted.")
+    compact_interval: float = Field(60.0, gt=0, description="Seconds between background compaction passes.")
+    compact_min_files: int = Field(16, ge=2, description="Compact a table once it has this many small files.")
+    vacuum_retention_hours: float = Field(1.0, ge=0, description="Hours a file replaced by compaction stays for readers.")
+    stream_max_bytes: int = Field(10 * 1024**3, gt=0, description="Broker-side buffer of telemetry (JetStream stream bytes).")
+    stream_max_age_hours: float = Field(72.0, gt=0, description="Broker-side buffer of telemetry, by age.")
+    query_timeout: float = Field(30.0, gt=0, description="Seconds a SQL query may run.")
+    query_max_rows: int = Field(100_000, gt=0, description="Most rows a SQL query returns.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def catalog(self) -> str:
+        """The catalog URL in force."""
+        return self.catalog_url or f"sqlite:///{(self.data_dir / 'catalog.db').absolute()}"
+
+    @property
+    def lake(self) -> str:
+        """The lake root in force."""
+        return self.lake_uri or str((self.data_dir / "lake").absolute())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = os.environ.get("IOT2ML_CONFIG") or "iot2ml.toml"
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, dropping ``None`` overrides; a bad value raises ``ConfigError``."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '?'}={e.get('input')!r}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"bad setting: {problems}") from None

@@ -1,0 +1,5 @@
+"""Delta Lake tables (raw, curated per device type, dead letters) on local disk or S3."""
+
+from .tables import Lake
+
+__all__ = ["Lake"]
