@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import BrokerUnavailable, ConfigError
-
-SERVICE_USER = "iot2ml-service"
+from ..core.transport import SERVICE_USER
 
 
 def nats_server_binary() -> str:

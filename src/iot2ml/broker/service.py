@@ -14,18 +14,10 @@ from ..core.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import BrokerUnavailable
 from ..core.runtime import claim_port, clear_run_info, free_port, secret, write_run_info
-from .nats import SERVICE_USER, BrokerPorts, EmbeddedNats, render_config
+from ..core.transport import STREAM, TELEMETRY_SUBJECT, service_url
+from .nats import BrokerPorts, EmbeddedNats, render_config
 
 log = logging.getLogger("iot2ml.broker")
-
-STREAM = "TELEMETRY"
-TELEMETRY_SUBJECTS = ["devices.*.telemetry"]
-
-
-def service_url(settings: Settings, host: str, port: int) -> str:
-    """NATS URL with the internal service credentials (kept in the data dir)."""
-    return f"nats://{SERVICE_USER}:{secret(settings.data_dir, 'service.password')}@{host}:{port}"
-
 
 async def ensure_stream(url: str, settings: Settings) -> None:
     """Create (or update) the JetStream stream that buffers all telemetry durably."""
@@ -37,7 +29,7 @@ async def ensure_stream(url: str, settings: Settings) -> None:
         js = nc.jetstream()
         config = StreamConfig(
             name=STREAM,
-            subjects=TELEMETRY_SUBJECTS,
+            subjects=[TELEMETRY_SUBJECT],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
@@ -78,7 +70,7 @@ class BrokerService:
 
     @property
     def url(self) -> str:
-        return service_url(self.settings, self.ports.host, self.ports.nats_port)
+        return service_url(self.settings.data_dir, self.ports.host, self.ports.nats_port)
 
     def _render(self) -> None:
         self._seen_version = self.catalog.version()

@@ -1,0 +1,352 @@
+"""``iot2ml ingest``: read the telemetry stream and commit it to the lake exactly once.
+
+How exactly-once works: every message has a stream sequence number. Each lake commit records
+``(app_id, highest sequence in the batch)`` as a Delta ``txn`` action in the same atomic commit as
+the rows. ``raw`` is committed last, so on start the ingest resumes after raw's sequence and, for
+every other table, skips rows whose sequence that table already holds. No broker acks are needed: the
+lake is the consumer position. Resends by devices (same ``device_id`` + ``msg_id``) are dropped
+within ``dedup_window``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..core.catalog import Catalog
+from ..core.config import Settings
+from ..core.errors import LakeUnavailable
+from ..core.storage import DEAD_LETTERS, RAW, TableStore
+from ..core.transport import STREAM, TELEMETRY_SUBJECT
+from .decode import BASE_FIELDS, Decoder, InMessage, kind_of
+from .metrics import metrics
+
+log = logging.getLogger("iot2ml.ingest")
+
+APP_ID = "iot2ml-ingest"
+_BASE = {name for name, _ in BASE_FIELDS}
+
+
+@dataclass
+class IngestStats:
+    """Counters of one ingest run (also exported as Prometheus metrics)."""
+
+    messages: int = 0
+    readings: int = 0
+    dead: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    committed_seq: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class _DeviceTypes:
+    """``device_id -> type`` from the catalog, reloaded on a miss (at most once a second)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._map: dict[str, str] = {}
+        self._declared: dict[str, dict[str, str]] = {}
+        self._loaded_at = 0.0
+        self.reload()
+
+    def reload(self) -> None:
+        self._map = self.catalog.device_types()
+        self._declared = {t.name: t.schema for t in self.catalog.list_types() if t.schema}
+        self._loaded_at = time.monotonic()
+
+    def __call__(self, device_id: str) -> str | None:
+        found = self._map.get(device_id)
+        if found is None and time.monotonic() - self._loaded_at > 1.0:
+            self.reload()
+            found = self._map.get(device_id)
+        return found
+
+    @property
+    def declared(self) -> dict[str, dict[str, str]]:
+        return self._declared
+
+
+def _parse_reply(reply: str) -> tuple[int, int]:
+    """Stream sequence and broker timestamp (µs) from a JetStream ack subject."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(tokens[5]), int(tokens[7]) // 1000
+    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    return int(tokens[7]), int(tokens[9]) // 1000
+
+
+class LakeWriter:
+    """Decodes batches and commits them table by table, exactly once (runs in a worker thread)."""
+
+    def __init__(self, lake: TableStore, decoder: Decoder, *, app_id: str = APP_ID) -> None:
+        self.lake = lake
+        self.decoder = decoder
+        self.app_id = app_id
+        self.marks: dict[str, int] = {}
+        for table in lake.tables():
+            self.marks[table] = lake.txn_version(table, app_id) or 0
+
+    @property
+    def resume_after(self) -> int:
+        """Every message up to this sequence is in every table."""
+        return self.marks.get(RAW, 0)
+
+    def write(self, messages: list[InMessage]) -> tuple[int, int, int, int]:
+        """Commit a batch; returns (readings, dead letters, duplicates, highest sequence)."""
+        decoded = self.decoder.decode(messages)
+        seq_hi = decoded.seq_hi
+        plan: list[tuple[str, pa.Table, list[str] | None]] = [
+            (name, table, None) for name, table in sorted(decoded.curated.items())
+        ]
+        plan.append((DEAD_LETTERS, decoded.dead_letters, ["day"]))
+        plan.append((RAW, decoded.raw, ["day"]))  # last: its mark is where a restart resumes
+        for name, table, partition_by in plan:
+            mark = self.marks.get(name, 0)
+            if seq_hi <= mark:
+                continue
+            if mark and table.num_rows:
+                table = table.filter(pc.greater(table["_seq"], mark))
+            if table.num_rows == 0:
+                continue
+            self._append(name, table, seq_hi, partition_by)
+        return decoded.readings, decoded.dead, decoded.duplicates, seq_hi
+
+    def _append(self, name: str, table: pa.Table, seq_hi: int, partition_by: list[str] | None) -> None:
+        delay = 0.1
+        while True:
+            try:
+                self.lake.append(name, table, app_id=self.app_id, version=seq_hi, partition_by=partition_by)
+                self.marks[name] = seq_hi
+                return
+            except LakeUnavailable as err:
+                log.warning("lake write to %s failed, retrying in %.1fs: %s", name, delay, err)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                # The failed commit may have landed after all: ask the table.
+                mark = self.lake.txn_version(name, self.app_id) or 0
+                if mark >= seq_hi:
+                    self.marks[name] = mark
+                    return
+                if mark:
+                    table = table.filter(pc.greater(table["_seq"], mark))
+
+
+def table_schemas(lake: TableStore) -> dict[str, dict[str, str]]:
+    """``{type: {column: kind}}`` of the curated tables already in the lake."""
+    out: dict[str, dict[str, str]] = {}
+    for table in lake.tables():
+        if table in (RAW, DEAD_LETTERS):
+            continue
+        schema = lake.schema(table)
+        if schema is not None:
+            out[table] = {f.name: kind_of(f.type) for f in schema if f.name not in _BASE}
+    return out
+
+
+def recent_msg_ids(lake: TableStore, window: float) -> list[tuple[str, str]]:
+    """``(device_id, msg_id)`` of rows received within ``window`` seconds, to seed the duplicate filter."""
+    import pyarrow.dataset as ds
+
+    if window <= 0:
+        return []
+    cutoff = pa.scalar(int((time.time() - window) * 1_000_000), pa.timestamp("us", tz="UTC"))
+    pairs: list[tuple[str, str]] = []
+    for table in lake.tables():
+        if table in (RAW, DEAD_LETTERS):
+            continue
+        try:
+            data = lake.dataset(table).to_table(  # type: ignore[attr-defined]
+                columns=["device_id", "msg_id"],
+                filter=(ds.field("received_at") >= cutoff) & ds.field("msg_id").is_valid(),
+            )
+        except Exception as err:  # noqa: BLE001 - a cold start without dedup seed is not fatal
+            log.warning("could not read recent msg_ids of %s: %s", table, err)
+            continue
+        pairs.extend(zip(data["device_id"].to_pylist(), data["msg_id"].to_pylist()))
+    return pairs
+
+
+class IngestService:
+    """Consumes the telemetry stream from the broker into the lake."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        lake: TableStore,
+        catalog: Catalog,
+        *,
+        nats_url: str | Callable[[], str],
+        app_id: str = APP_ID,
+    ) -> None:
+        self.settings = settings
+        self.lake = lake
+        self.catalog = catalog
+        self._nats_url = nats_url
+        self.app_id = app_id
+        self.stats = IngestStats()
+        self.ready = asyncio.Event()
+        self._m = metrics()
+
+    def _url(self) -> str:
+        return self._nats_url() if callable(self._nats_url) else self._nats_url
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; reconnects and resumes by itself."""
+        import nats
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        types = await asyncio.to_thread(_DeviceTypes, self.catalog)
+        decoder = Decoder(
+            types,
+            schemas=await asyncio.to_thread(table_schemas, self.lake),
+            declared=types.declared,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            dedup_window=self.settings.dedup_window,
+        )
+        decoder.remember(await asyncio.to_thread(recent_msg_ids, self.lake, self.settings.dedup_window))
+        writer = await asyncio.to_thread(LakeWriter, self.lake, decoder, app_id=self.app_id)
+        self.stats.committed_seq = writer.resume_after
+
+        nc = await self._connect(nats, stop)
+        if nc is None:
+            return
+        try:
+            js = nc.jetstream()
+            start = writer.resume_after + 1
+            info = await js.stream_info(STREAM)
+            if info.state.first_seq > start and info.state.messages:
+                log.error("the broker dropped messages %d..%d before the ingest read them (stream limits)",
+                          start, info.state.first_seq - 1)
+            sub = await js.subscribe(
+                TELEMETRY_SUBJECT,
+                stream=STREAM,
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
+                pending_msgs_limit=self.settings.queue_max_messages * 2,
+                pending_bytes_limit=512 * 1024 * 1024,
+            )
+            log.info("ingest consuming %s from sequence %d", STREAM, start)
+            self.ready.set()
+            await self._pump(sub, writer, js, stop)
+        finally:
+            await nc.close()
+
+    async def _connect(self, nats, stop: asyncio.Event):  # noqa: ANN001
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                return await nats.connect(
+                    self._url(), name="iot2ml-ingest", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                    connect_timeout=3,
+                )
+            except Exception as err:  # noqa: BLE001 - broker not up yet: wait and retry
+                log.info("waiting for the broker: %s", err)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, 5.0)
+        return None
+
+    async def _pump(self, sub, writer: LakeWriter, js, stop: asyncio.Event) -> None:  # noqa: ANN001
+        buffer: list[tuple[str, str, bytes]] = []
+        room = asyncio.Event()
+        room.set()
+        limit = self.settings.queue_max_messages
+        interval = self.settings.flush_interval
+        max_rows = self.settings.flush_max_rows
+        full = asyncio.Event()
+
+        async def read() -> None:
+            async for msg in sub.messages:
+                buffer.append((msg.reply, msg.subject, msg.data))
+                if len(buffer) >= max_rows:
+                    full.set()
+                if len(buffer) >= limit:
+                    room.clear()
+                    await room.wait()
+
+        async def lag() -> None:
+            while True:
+                await asyncio.sleep(2.0)
+                try:
+                    info = await js.stream_info(STREAM)
+                    self._m.lag.set(max(0, info.state.last_seq - self.stats.committed_seq))
+                except Exception:  # noqa: BLE001 - metrics only
+                    pass
+
+        reader = asyncio.create_task(read())
+        lagger = asyncio.create_task(lag())
+        last_seen = writer.resume_after
+        try:
+            while not stop.is_set() or buffer:
+                if not buffer:
+                    waiter = asyncio.create_task(stop.wait())
+                    filler = asyncio.create_task(full.wait())
+                    done, pending = await asyncio.wait(
+                        {waiter, filler, reader}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in (waiter, filler):
+                        if task not in done:
+                            task.cancel()
+                    if reader in done:
+                        reader.result()  # re-raise what stopped the reader
+                    if stop.is_set() and not buffer:
+                        break
+                    if not buffer:
+                        continue
+                else:
+                    try:
+                        await asyncio.wait_for(full.wait(), interval)
+                    except asyncio.TimeoutError:
+                        pass
+                batch, buffer[:] = list(buffer), []
+                full.clear()
+                room.set()
+                last_seen = await asyncio.to_thread(self._commit, writer, batch, last_seen)
+        finally:
+            reader.cancel()
+            lagger.cancel()
+            await asyncio.gather(reader, lagger, return_exceptions=True)
+
+    def _commit(self, writer: LakeWriter, batch: list[tuple[str, str, bytes]], last_seen: int) -> int:
+        started = time.monotonic()
+        messages: list[InMessage] = []
+        oldest = None
+        for reply, subject, data in batch:
+            seq, ts_us = _parse_reply(reply)
+            if seq <= last_seen:
+                continue  # redelivered after a consumer reset
+            last_seen = seq
+            messages.append(InMessage(seq, subject, ts_us, data))
+            if oldest is None:
+                oldest = ts_us
+        if not messages:
+            return last_seen
+        readings, dead, dups, seq_hi = writer.write(messages)
+        s, m = self.stats, self._m
+        s.messages += len(messages)
+        s.readings += readings
+        s.dead += dead
+        s.duplicates += dups
+        s.batches += 1
+        s.committed_seq = max(s.committed_seq, seq_hi)
+        m.received.inc(len(messages))
+        m.readings.inc(readings)
+        m.dead.inc(dead)
+        m.duplicates.inc(dups)
+        m.committed.set(s.committed_seq)
+        m.write_seconds.observe(time.monotonic() - started)
+        if oldest is not None:
+            m.freshness_seconds.observe(max(0.0, time.time() - oldest / 1e6))
+        return last_seen
+
+
+__all__ = ["APP_ID", "IngestService", "IngestStats", "LakeWriter"]
