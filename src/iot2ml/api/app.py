@@ -1,0 +1,218 @@
+"""The FastAPI app: telemetry ingest over HTTP, SQL, devices and keys admin, metrics, health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from ..auth import Guard, Principal
+from ..core.catalog import Catalog
+from ..core.config import Settings
+from ..core.errors import AlreadyExists, AuthError, InvalidInput, Iot2mlError, NotFound, QueryError
+from ..core.ids import check_device_id
+from ..core.storage import DEAD_LETTERS, RAW
+from ..core.timeutil import now_us
+from ..core.transport import telemetry_subject
+from ..ingest.decode import BASE_FIELDS, Decoder, InMessage, kind_of
+from ..lake import Lake
+
+_BASE = {name for name, _ in BASE_FIELDS}
+
+
+class QueryRequest(BaseModel):
+    sql: str = Field(..., description="One read-only SELECT over the lake tables.", examples=["SELECT count(*) FROM raw"])
+
+
+class QueryResponse(BaseModel):
+    columns: list[str]
+    rows: list[list[Any]]
+    truncated: bool = False
+
+
+class DeviceRequest(BaseModel):
+    device_id: str
+    type: str
+    rotate: bool = False
+
+
+class KeyRequest(BaseModel):
+    name: str
+    role: str = "admin"
+
+
+class _Schemas:
+    """Column kinds of the curated tables, re-read from the lake at most every few seconds."""
+
+    def __init__(self, lake: Lake, ttl: float = 5.0) -> None:
+        self.lake = lake
+        self.ttl = ttl
+        self._at = 0.0
+        self._value: dict[str, dict[str, str]] = {}
+
+    def get(self) -> dict[str, dict[str, str]]:
+        if time.monotonic() - self._at > self.ttl:
+            out: dict[str, dict[str, str]] = {}
+            for table in self.lake.tables():
+                if table in (RAW, DEAD_LETTERS):
+                    continue
+                schema = self.lake.schema(table)
+                if schema is not None:
+                    out[table] = {f.name: kind_of(f.type) for f in schema if f.name not in _BASE}
+            self._value, self._at = out, time.monotonic()
+        return self._value
+
+
+def _bearer(authorization: str | None = Header(None, description="Bearer <device token or API key>")) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | None = None,
+               catalog: Catalog | None = None) -> FastAPI:
+    """Build the app. ``nats_url`` is where telemetry is published (the broker's service URL)."""
+    catalog = catalog or Catalog(settings.catalog)
+    lake = lake or Lake(settings.lake, settings.lake_storage_options)
+    guard = Guard(catalog)
+    schemas = _Schemas(lake)
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        import nats
+
+        if nats_url:
+            state["nc"] = await nats.connect(nats_url, name="iot2ml-api", max_reconnect_attempts=-1,
+                                             reconnect_time_wait=0.5)
+            state["js"] = state["nc"].jetstream()
+        yield
+        if "nc" in state:
+            await state["nc"].close()
+
+    app = FastAPI(
+        title="iot2ml",
+        version="0.1.0",
+        description="Telemetry in, SQL out. Devices authenticate with their token, people and scripts with API keys.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(Iot2mlError)
+    async def _errors(_request: Request, err: Iot2mlError) -> JSONResponse:
+        status = 400
+        if isinstance(err, AuthError):
+            status = 401
+        elif isinstance(err, NotFound):
+            status = 404
+        elif isinstance(err, AlreadyExists):
+            status = 409
+        return JSONResponse({"detail": str(err)}, status_code=status)
+
+    @app.exception_handler(PermissionError)
+    async def _forbidden(_request: Request, err: PermissionError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=403)
+
+    def admin(token: str | None = Depends(_bearer)) -> Principal:
+        return guard.key(token, role="admin")
+
+    def reader(token: str | None = Depends(_bearer)) -> Principal:
+        return guard.key(token, role="reader")
+
+    @app.post(
+        "/api/v1/devices/{device_id}/telemetry",
+        status_code=201,
+        summary="Send readings from a device",
+        responses={400: {"description": "Bad payload: every problem is listed"}, 401: {}, 403: {}, 413: {}},
+    )
+    async def post_telemetry(
+        device_id: str,
+        request: Request,
+        token: str | None = Depends(_bearer),
+        idempotency_key: str | None = Header(None, description="Resends with the same key are stored once (2 min)."),
+    ) -> dict[str, Any]:
+        check_device_id(device_id)
+        who = guard.device(token, device_id)
+        limit = settings.max_payload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"body is {declared} bytes, over max_payload_bytes={limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"body is over max_payload_bytes={limit}")
+        data = bytes(body)
+        decoder = Decoder(lambda _d: who.role, schemas=schemas.get(), max_payload_bytes=limit, dedup_window=0)
+        decoded = decoder.decode([InMessage(0, telemetry_subject(device_id), now_us(), data)])
+        if decoded.dead:
+            reasons = decoded.dead_letters["reason"].to_pylist()
+            raise HTTPException(400, {"error": "nothing was stored: fix these and resend", "reasons": reasons})
+        if "js" not in state:
+            raise HTTPException(503, "the API is not connected to the broker")
+        headers = {"Nats-Msg-Id": f"{device_id}:{idempotency_key}"} if idempotency_key else None
+        try:
+            await state["js"].publish(telemetry_subject(device_id), data, headers=headers, timeout=5)
+        except Exception as err:  # noqa: BLE001 - a broker hiccup is a 503 the client retries
+            raise HTTPException(503, f"broker did not confirm the write, retry: {err}") from err
+        return {"accepted": decoded.readings}
+
+    @app.post("/api/v1/query", response_model=QueryResponse, summary="Run one read-only SQL query")
+    async def post_query(req: QueryRequest, _who: Principal = Depends(reader)) -> Response:
+        from ..query import run_query
+
+        try:
+            result = await asyncio.to_thread(
+                run_query, lake, req.sql, timeout=settings.query_timeout, max_rows=settings.query_max_rows
+            )
+        except QueryError as err:
+            raise HTTPException(400, str(err)) from None
+        payload = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+        return Response(orjson.dumps(payload, default=str, option=orjson.OPT_SERIALIZE_NUMPY),
+                        media_type="application/json")
+
+    @app.get("/api/v1/tables", summary="Tables in the lake with their columns")
+    async def get_tables(_who: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        from ..query import list_tables
+
+        return await asyncio.to_thread(list_tables, lake)
+
+    @app.get("/api/v1/devices", summary="Registered devices")
+    async def get_devices(_who: Principal = Depends(admin)) -> list[dict[str, Any]]:
+        devices = await asyncio.to_thread(catalog.list_devices)
+        return [{"device_id": d.device_id, "type": d.type, "active": d.active} for d in devices]
+
+    @app.post("/api/v1/devices", status_code=201, summary="Register a device; answers its token once")
+    async def post_device(req: DeviceRequest, _who: Principal = Depends(admin)) -> dict[str, str]:
+        token = await asyncio.to_thread(catalog.add_device, req.device_id, req.type, rotate=req.rotate)
+        return {"device_id": req.device_id, "token": token}
+
+    @app.delete("/api/v1/devices/{device_id}", status_code=204, summary="Revoke a device")
+    async def delete_device(device_id: str, _who: Principal = Depends(admin)) -> Response:
+        await asyncio.to_thread(catalog.remove_device, device_id)
+        return Response(status_code=204)
+
+    @app.post("/api/v1/keys", status_code=201, summary="Create an API key; answers it once")
+    async def post_key(req: KeyRequest, _who: Principal = Depends(admin)) -> dict[str, str]:
+        key = await asyncio.to_thread(catalog.add_key, req.name, req.role)
+        return {"name": req.name, "key": key}
+
+    @app.get("/metrics", summary="Prometheus metrics of every iot2ml process on this data dir")
+    async def get_metrics() -> Response:
+        from .metrics import render
+
+        body, content_type = render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/healthz", summary="Liveness and broker connection")
+    async def healthz() -> dict[str, Any]:
+        nc = state.get("nc")
+        return {"ok": True, "broker": bool(nc and nc.is_connected)}
+
+    _ = InvalidInput  # raised by modules, mapped to 400 by the handler above
+    return app

@@ -1,0 +1,70 @@
+"""Credential checks for the HTTP API, with a short cache so a device posting every second does not
+hit the catalog every time. Revocations show within ``ttl`` seconds."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..core.catalog import Catalog, sha256
+from ..core.errors import AuthError
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: a device (``kind='device'``) or an API key (``kind='key'``)."""
+
+    kind: str
+    name: str
+    role: str  # device type for devices; 'admin' or 'reader' for keys
+
+
+class Guard:
+    def __init__(self, catalog: Catalog, *, ttl: float = 2.0) -> None:
+        self.catalog = catalog
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    def _cached(self, kind: str, secret: str, load) -> Principal | None:  # noqa: ANN001
+        key = kind + sha256(secret)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        found = load()
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key] = (now, found)
+        return found
+
+    def device(self, token: str | None, device_id: str) -> Principal:
+        """The device for ``token``; ``AuthError`` (401) if unknown, ``PermissionError`` (403) if another device's."""
+        if not token:
+            raise AuthError("missing device token: send 'Authorization: Bearer <token>'")
+
+        def load() -> Principal | None:
+            dev = self.catalog.device_for_token(token)
+            return None if dev is None else Principal("device", dev.device_id, dev.type)
+
+        who = self._cached("d", token, load)
+        if who is None:
+            raise AuthError("unknown or revoked device token")
+        if who.name != device_id:
+            raise PermissionError(f"this token belongs to device {who.name!r}, not {device_id!r}")
+        return who
+
+    def key(self, key: str | None, *, role: str = "reader") -> Principal:
+        """The API key's principal; ``role='admin'`` requires an admin key."""
+        if not key:
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>' (see 'iot2ml keys add')")
+
+        def load() -> Principal | None:
+            found = self.catalog.key_role(key)
+            return None if found is None else Principal("key", found[0], found[1])
+
+        who = self._cached("k", key, load)
+        if who is None:
+            raise AuthError("unknown API key")
+        if role == "admin" and who.role != "admin":
+            raise PermissionError(f"API key {who.name!r} has role {who.role!r}; this needs an admin key")
+        return who

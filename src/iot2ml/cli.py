@@ -1,0 +1,360 @@
+"""The ``iot2ml`` command: composition root of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from .core.config import Settings, load_settings
+from .core.errors import Iot2mlError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="iot2ml: devices -> broker -> Delta lake -> SQL.")
+devices_app = typer.Typer(no_args_is_help=True, help="Register, list and revoke devices.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP API.")
+types_app = typer.Typer(no_args_is_help=True, help="Device types and their declared schemas.")
+app.add_typer(devices_app, name="devices")
+app.add_typer(keys_app, name="keys")
+app.add_typer(types_app, name="types")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data directory [env IOT2ML_DATA_DIR].")]
+NatsPort = Annotated[Optional[int], typer.Option("--nats-port", help="NATS port, 0 = pick a free one.")]
+MqttPort = Annotated[Optional[int], typer.Option("--mqtt-port", help="MQTT port, 0 = pick a free one.")]
+HttpPort = Annotated[Optional[int], typer.Option("--http-port", help="HTTP API port, 0 = pick a free one.")]
+Host = Annotated[Optional[str], typer.Option("--host", help="Address to listen on.")]
+CatalogUrl = Annotated[Optional[str], typer.Option("--catalog-url", help="Catalog DB URL (sqlite:///... or postgresql://...).")]
+MqttUrl = Annotated[Optional[str], typer.Option("--mqtt-url", help="Also ingest from an external MQTT broker (mqtt://host:port).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**overrides)
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(2)
+
+
+def _run(fn, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+    try:
+        return fn(*args, **kwargs)
+    except Iot2mlError as err:
+        _fail(err)
+
+
+# ---- platform -------------------------------------------------------------------------------
+@app.command()
+def up(
+    data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
+    host: Host = None, catalog_url: CatalogUrl = None, mqtt_url: MqttUrl = None,
+) -> None:
+    """Start the embedded broker, the ingest and the API; Ctrl-C stops everything."""
+    settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, http_port=http_port,
+                    host=host, catalog_url=catalog_url, mqtt_url=mqtt_url)
+    from .supervisor import Platform
+
+    platform = Platform(settings)
+    _serve(platform)
+
+
+def _start(platform: Any) -> None:
+    with console.status("starting broker, ingest and API..."):
+        _run(platform.start)
+    for note in platform.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    urls = platform.urls
+    console.print("[bold green]iot2ml is up[/]")
+    console.print(f"  MQTT      {urls['mqtt']}   (topic devices/<id>/telemetry, user <id>, password <token>)")
+    console.print(f"  HTTP API  {urls['http']}   docs {urls['docs']}")
+    console.print(f"  NATS      {urls['nats']}")
+    console.print(f"  metrics   {urls['metrics']}")
+    console.print(f"  data dir  {platform.settings.data_dir}")
+    console.print(f"  admin key {platform.admin_key}")
+
+
+def _serve(platform: Any, *, extra: Any = None) -> None:
+    stopping = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        stopping.set()
+        platform.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        _start(platform)
+        if extra is not None:
+            extra(platform, stopping)
+        else:
+            console.print("press Ctrl-C to stop")
+            platform.watch()
+    finally:
+        with console.status("stopping..."):
+            platform.shutdown()
+        console.print("stopped")
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
+    host: Host = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    devices: Annotated[int, typer.Option(help="Simulated devices per scenario.")] = 5,
+    rate: Annotated[float, typer.Option(help="Messages per second per device.")] = 1.0,
+) -> None:
+    """`up` plus simulated pollution and pump devices; shows live counts and a sample query."""
+    settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, http_port=http_port,
+                    host=host)
+    from .demo import run_demo
+    from .supervisor import Platform
+
+    platform = Platform(settings, fallback_ports=True)
+    _serve(platform, extra=lambda p, stopping: run_demo(p, stopping, console=console, duration=duration,
+                                                       devices=devices, rate=rate))
+
+
+@app.command()
+def broker(
+    data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, host: Host = None,
+    catalog_url: CatalogUrl = None,
+) -> None:
+    """Run only the embedded broker (NATS with MQTT and JetStream)."""
+    from .components import run_broker_component
+    from .core.logs import setup_logging
+
+    setup_logging()
+    settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, host=host,
+                    catalog_url=catalog_url)
+    _run(run_broker_component, settings)
+
+
+@app.command()
+def ingest(
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None, mqtt_url: MqttUrl = None,
+    nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None, host: Host = None,
+) -> None:
+    """Run only the ingest: broker stream -> Delta lake, exactly once."""
+    from .components import run_ingest_component
+    from .core.logs import setup_logging
+
+    setup_logging()
+    settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url, mqtt_url=mqtt_url)
+    _run(run_ingest_component, settings)
+
+
+@app.command()
+def api(
+    data_dir: DataDir = None, http_port: HttpPort = None, host: Host = None, catalog_url: CatalogUrl = None,
+    nats_port: NatsPort = None, mqtt_port: MqttPort = None,
+) -> None:
+    """Run only the HTTP API."""
+    from .components import run_api_component
+    from .core.logs import setup_logging
+
+    setup_logging()
+    settings = _run(_settings, data_dir=data_dir, http_port=http_port, host=host, catalog_url=catalog_url)
+    _run(run_api_component, settings)
+
+
+# ---- devices, keys, types --------------------------------------------------------------------
+def _catalog(data_dir: Path | None, catalog_url: str | None):  # noqa: ANN202
+    from .core.catalog import Catalog
+
+    settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url)
+    return settings, _run(Catalog, settings.catalog)
+
+
+def _poke_broker(settings: Settings) -> None:
+    """Tell a local broker to re-read the catalog now (it also polls every second)."""
+    from .core.runtime import read_run_info
+
+    try:
+        os.kill(int(read_run_info(settings.data_dir, "broker")["pid"]), signal.SIGHUP)
+    except (Iot2mlError, OSError, KeyError, ValueError):
+        pass
+
+
+@devices_app.command("add")
+def devices_add(
+    device_id: str, type: Annotated[str, typer.Option("--type", help="Device type = curated table name.")],
+    rotate: Annotated[bool, typer.Option(help="Issue a new token for an existing device.")] = False,
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Register a device and print its token (shown once; only a hash is stored)."""
+    settings, catalog = _catalog(data_dir, catalog_url)
+    token = _run(catalog.add_device, device_id, type, rotate=rotate)
+    _poke_broker(settings)
+    if as_json:
+        print(json.dumps({"device_id": device_id, "token": token}))
+    else:
+        console.print(f"device [bold]{device_id}[/] (type {type}) token: {token}")
+
+
+@devices_app.command("remove")
+def devices_remove(device_id: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Revoke a device: its token stops working at once; its data stays."""
+    settings, catalog = _catalog(data_dir, catalog_url)
+    _run(catalog.remove_device, device_id)
+    _poke_broker(settings)
+    console.print(f"device {device_id} revoked")
+
+
+@devices_app.command("list")
+def devices_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List devices."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = [{"device_id": d.device_id, "type": d.type, "active": d.active} for d in catalog.list_devices()]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table("device_id", "type", "active")
+    for r in rows:
+        table.add_row(r["device_id"], r["type"], "yes" if r["active"] else "revoked")
+    console.print(table)
+
+
+@keys_app.command("add")
+def keys_add(
+    name: str, role: Annotated[str, typer.Option(help="admin or reader.")] = "admin",
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Create an API key for the HTTP API and print it (shown once)."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    key = _run(catalog.add_key, name, role)
+    if as_json:
+        print(json.dumps({"name": name, "key": key}))
+    else:
+        console.print(f"API key [bold]{name}[/] ({role}): {key}")
+
+
+@keys_app.command("remove")
+def keys_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Delete an API key."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    _run(catalog.remove_key, name)
+    console.print(f"API key {name} removed")
+
+
+@keys_app.command("list")
+def keys_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List API key names and roles."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = [{"name": n, "role": r} for n, r in catalog.list_keys()]
+    print(json.dumps(rows)) if as_json else [console.print(f"{r['name']}\t{r['role']}") for r in rows]
+
+
+@types_app.command("add")
+def types_add(
+    name: str,
+    schema: Annotated[Optional[str], typer.Option(help="Declared columns, e.g. 'pressure:float,count:int'.")] = None,
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Create a device type, optionally declaring column types up front."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    t = _run(catalog.add_type, name, schema, exist_ok=True)
+    console.print(f"type {t.name}: {t.schema or 'columns discovered from data'}")
+
+
+@types_app.command("list")
+def types_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List device types."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = [{"name": t.name, "schema": t.schema} for t in catalog.list_types()]
+    print(json.dumps(rows)) if as_json else [console.print(f"{r['name']}\t{r['schema'] or '-'}") for r in rows]
+
+
+# ---- SQL --------------------------------------------------------------------------------------
+@app.command()
+def query(
+    sql: str,
+    format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    data_dir: DataDir = None,
+) -> None:
+    """Run one read-only SQL query over the lake (tables: raw, dead_letters, one per device type)."""
+    from .lake import Lake
+    from .query import run_query
+
+    settings = _run(_settings, data_dir=data_dir)
+    lake = Lake(settings.lake, settings.lake_storage_options)
+    result = _run(run_query, lake, sql, timeout=settings.query_timeout, max_rows=settings.query_max_rows)
+    if format == "json":
+        print(json.dumps({"columns": result.columns, "rows": result.rows}, default=str))
+    elif format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    else:
+        from rich.table import Table
+
+        table = Table(*result.columns)
+        for row in result.rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console.print(table)
+        if result.truncated:
+            console.print(f"[yellow]only the first {settings.query_max_rows} rows are shown[/]")
+
+
+@app.command()
+def tables(as_json: AsJson = False, data_dir: DataDir = None) -> None:
+    """List the lake's tables with their columns and sizes."""
+    from .lake import Lake
+    from .query import list_tables
+
+    settings = _run(_settings, data_dir=data_dir)
+    found = _run(list_tables, Lake(settings.lake, settings.lake_storage_options))
+    if as_json:
+        print(json.dumps(found, default=str))
+        return
+    for t in found:
+        cols = ", ".join(f"{c['name']} {c['type']}" for c in t.get("columns", []))
+        console.print(f"[bold]{t['name']}[/] rows={t.get('rows')} files={t.get('files')}: {cols}")
+
+
+# ---- simulation --------------------------------------------------------------------------------
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Option(help="Scenario name (pollution, pump, ...).")] = "pollution",
+    devices: Annotated[int, typer.Option(help="Number of simulated devices.")] = 10,
+    rate: Annotated[float, typer.Option(help="Messages per second per device.")] = 1.0,
+    duration: Annotated[Optional[float], typer.Option(help="Seconds to run (default: until Ctrl-C).")] = None,
+    transport: Annotated[str, typer.Option(help="mqtt or http.")] = "mqtt",
+    id_prefix: Annotated[Optional[str], typer.Option(help="Device id prefix (default: the scenario name).")] = None,
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Simulate devices of a scenario sending telemetry to the running platform."""
+    from .simulate import run_simulation
+
+    settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url)
+    stats = _run(run_simulation, settings, scenario, devices=devices, rate=rate, duration=duration,
+                 transport=transport, id_prefix=id_prefix, progress=True)
+    console.print(f"sent {stats.sent}, acknowledged {stats.acked}, failed {stats.failed} in {stats.elapsed:.1f} s")
+    if stats.failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except Iot2mlError as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

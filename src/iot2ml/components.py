@@ -1,0 +1,109 @@
+"""Run one component in the foreground: ``iot2ml broker``, ``iot2ml ingest``, ``iot2ml api``.
+
+Each reads the same settings and data dir, records where it listens under ``data_dir/run/`` and
+stops cleanly on SIGTERM/SIGINT, so ``iot2ml up`` can supervise them and a user can run and scale
+them one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from .core.config import Settings
+from .core.errors import BrokerUnavailable
+from .core.runtime import clear_run_info, run_dir, write_run_info
+
+log = logging.getLogger("iot2ml")
+
+
+def use_metrics_dir(settings: Settings) -> None:
+    """Let every process of this data dir share Prometheus metrics (must run before any metric exists)."""
+    folder = run_dir(settings.data_dir) / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(folder))
+
+
+def wait_for_broker(settings: Settings, timeout: float | None = None) -> str:
+    from .core.transport import find_broker
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return find_broker(settings.data_dir)
+        except BrokerUnavailable:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def run_broker_component(settings: Settings, *, fallback_ports: bool = False) -> None:
+    from .broker.service import run_broker
+
+    run_broker(settings, fallback_ports=fallback_ports)
+
+
+def run_ingest_component(settings: Settings) -> None:
+    from .core.catalog import Catalog
+    from .ingest.service import IngestService
+    from .lake import Lake
+
+    use_metrics_dir(settings)
+    lake = Lake(settings.lake, settings.lake_storage_options)
+    catalog = Catalog(settings.catalog)
+
+    def url() -> str:
+        return wait_for_broker(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        service = IngestService(settings, lake, catalog, nats_url=url)
+        tasks = [asyncio.create_task(service.run(stop))]
+        if settings.mqtt_url:
+            from .ingest.bridge import run_bridge
+
+            tasks.append(asyncio.create_task(run_bridge(settings, url, stop)))
+        write_run_info(settings.data_dir, "ingest", {"lake": settings.lake})
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            clear_run_info(settings.data_dir, "ingest")
+
+    maintainer = _maintainer(settings, lake)
+    try:
+        if maintainer is not None:
+            with maintainer:
+                asyncio.run(main())
+        else:
+            asyncio.run(main())
+    finally:
+        catalog.close()
+
+
+def _maintainer(settings: Settings, lake):  # noqa: ANN001, ANN202
+    from .lake.maintenance import Maintainer
+
+    return Maintainer(lake, settings)
+
+
+def run_api_component(settings: Settings, *, port: int | None = None) -> None:
+    import uvicorn
+
+    from .api import create_app
+    from .core.runtime import claim_port
+
+    use_metrics_dir(settings)
+    port = claim_port(settings.host, settings.http_port if port is None else port, "--http-port")
+    app = create_app(settings, nats_url=wait_for_broker(settings))
+    url = f"http://{settings.host}:{port}"
+    write_run_info(settings.data_dir, "api", {"url": url, "port": port})
+    try:
+        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False)
+    finally:
+        clear_run_info(settings.data_dir, "api")
