@@ -48,8 +48,9 @@ def rss_mb(pid: int) -> float:
 def single_payloads(n: int) -> list[bytes]:
     base = 1_763_780_000.0
     return [
-        orjson.dumps({"ts": base + i * 0.001, "msg_id": f"s-{i}", "pressure": 3.2 + (i % 100) * 0.01,
-                      "flow": 11.9, "vibration": 0.31, "temperature": 41.5, "status": "running", "rpm": 1480})
+        orjson.dumps({"ts": base + i * 0.001, "msg_id": f"pump-0007-{i:010d}", "pressure": 3.2 + (i % 100) * 0.01,
+                      "flow": 11.93, "vibration": 0.317, "temperature": 41.52, "status": "running", "rpm": 1480,
+                      "valve_open": True, "power_kw": 7.46, "site": "north-basin-3"})
         for i in range(n)
     ]
 

@@ -47,6 +47,8 @@ def run_broker_component(settings: Settings, *, fallback_ports: bool = False) ->
 
 
 def run_ingest_component(settings: Settings) -> None:
+    import gc
+
     from .core.catalog import Catalog
     from .ingest.service import IngestService
     from .lake import Lake
@@ -76,6 +78,9 @@ def run_ingest_component(settings: Settings) -> None:
             clear_run_info(settings.data_dir, "ingest")
 
     maintainer = _maintainer(settings, lake)
+    # Each batch allocates hundreds of thousands of short-lived dicts: collecting the young
+    # generation every 700 allocations would cost a third of the decode time.
+    gc.set_threshold(200_000, 50, 1000)
     try:
         if maintainer is not None:
             with maintainer:

@@ -24,6 +24,7 @@ from ..core.config import Settings
 from ..core.errors import LakeUnavailable
 from ..core.storage import DEAD_LETTERS, RAW, TableStore
 from ..core.transport import STREAM, TELEMETRY_SUBJECT
+from .consumer import OrderedReader
 from .decode import BASE_FIELDS, Decoder, InMessage, kind_of
 from .metrics import metrics
 
@@ -200,7 +201,6 @@ class IngestService:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; reconnects and resumes by itself."""
         import nats
-        from nats.js.api import ConsumerConfig, DeliverPolicy
 
         types = await asyncio.to_thread(_DeviceTypes, self.catalog)
         decoder = Decoder(
@@ -224,17 +224,9 @@ class IngestService:
             if info.state.first_seq > start and info.state.messages:
                 log.error("the broker dropped messages %d..%d before the ingest read them (stream limits)",
                           start, info.state.first_seq - 1)
-            sub = await js.subscribe(
-                TELEMETRY_SUBJECT,
-                stream=STREAM,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
-                pending_msgs_limit=self.settings.queue_max_messages * 2,
-                pending_bytes_limit=512 * 1024 * 1024,
-            )
             log.info("ingest consuming %s from sequence %d", STREAM, start)
             self.ready.set()
-            await self._pump(sub, writer, js, stop)
+            await self._pump(nc, writer, js, stop, start)
         finally:
             await nc.close()
 
@@ -255,23 +247,32 @@ class IngestService:
                 delay = min(delay * 2, 5.0)
         return None
 
-    async def _pump(self, sub, writer: LakeWriter, js, stop: asyncio.Event) -> None:  # noqa: ANN001
+    async def _pump(self, nc, writer: LakeWriter, js, stop: asyncio.Event, start: int) -> None:  # noqa: ANN001
+        """Read into a bounded buffer; commit it once its oldest message waited ``flush_interval``
+        (or it is full), while the next batch keeps arriving."""
         buffer: list[tuple[str, str, bytes]] = []
-        room = asyncio.Event()
-        room.set()
+        size = [0]  # payload bytes in the buffer
+        first_at = [0.0]  # when the oldest buffered message arrived
+        arrived = asyncio.Event()
+        full = asyncio.Event()
         limit = self.settings.queue_max_messages
+        limit_bytes = self.settings.queue_max_bytes
         interval = self.settings.flush_interval
         max_rows = self.settings.flush_max_rows
-        full = asyncio.Event()
 
-        async def read() -> None:
-            async for msg in sub.messages:
-                buffer.append((msg.reply, msg.subject, msg.data))
-                if len(buffer) >= max_rows:
-                    full.set()
-                if len(buffer) >= limit:
-                    room.clear()
-                    await room.wait()
+        def on_message(reply: str, subject: str, data: bytes) -> None:
+            if not buffer:
+                first_at[0] = time.monotonic()
+                arrived.set()
+            buffer.append((reply, subject, data))
+            size[0] += len(data)
+            if len(buffer) >= max_rows or size[0] >= limit_bytes // 2:
+                full.set()
+            if len(buffer) >= limit or size[0] >= limit_bytes:
+                reader.pause()  # backpressure: the server stops after its flow-control window
+
+        reader = OrderedReader(nc, stream=STREAM, subject=TELEMETRY_SUBJECT, start_seq=start, on_message=on_message)
+        await reader.start()
 
         async def lag() -> None:
             while True:
@@ -282,39 +283,32 @@ class IngestService:
                 except Exception:  # noqa: BLE001 - metrics only
                     pass
 
-        reader = asyncio.create_task(read())
+        async def first_of(*events: asyncio.Event, timeout: float) -> None:
+            waits = [asyncio.create_task(e.wait()) for e in events]
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+
         lagger = asyncio.create_task(lag())
         last_seen = writer.resume_after
         try:
             while not stop.is_set() or buffer:
                 if not buffer:
-                    waiter = asyncio.create_task(stop.wait())
-                    filler = asyncio.create_task(full.wait())
-                    done, pending = await asyncio.wait(
-                        {waiter, filler, reader}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for task in (waiter, filler):
-                        if task not in done:
-                            task.cancel()
-                    if reader in done:
-                        reader.result()  # re-raise what stopped the reader
-                    if stop.is_set() and not buffer:
-                        break
-                    if not buffer:
-                        continue
-                else:
-                    try:
-                        await asyncio.wait_for(full.wait(), interval)
-                    except asyncio.TimeoutError:
-                        pass
+                    arrived.clear()
+                    await first_of(arrived, stop, timeout=interval)
+                    continue
+                wait = interval - (time.monotonic() - first_at[0])
+                if wait > 0 and not full.is_set() and not stop.is_set():
+                    await first_of(full, stop, timeout=wait)
                 batch, buffer[:] = list(buffer), []
+                size[0] = 0
                 full.clear()
-                room.set()
+                await reader.resume()
                 last_seen = await asyncio.to_thread(self._commit, writer, batch, last_seen)
         finally:
-            reader.cancel()
             lagger.cancel()
-            await asyncio.gather(reader, lagger, return_exceptions=True)
+            await asyncio.gather(lagger, return_exceptions=True)
+            await reader.stop()
 
     def _commit(self, writer: LakeWriter, batch: list[tuple[str, str, bytes]], last_seen: int) -> int:
         started = time.monotonic()
