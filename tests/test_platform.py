@@ -1,0 +1,189 @@
+"""The user's path end to end: `iot2ml up` as a user runs it, the CLI, MQTT via mosquitto_pub,
+HTTP, SQL, metrics, and a clean stop. Everything real: child processes, nats-server, Delta tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def iot2ml(*args: str, env: dict | None = None, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "iot2ml", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"iot2ml {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_for(predicate, timeout: float = 30, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout} s")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def platform(tmp_path):
+    data = tmp_path / "data"
+    out = open(tmp_path / "up.out", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iot2ml", "up", "--data-dir", str(data), "--nats-port", "0", "--mqtt-port", "0",
+         "--http-port", "0"],
+        stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
+    )
+
+    def ready():
+        text = (tmp_path / "up.out").read_text()
+        return text if "admin key" in text else None
+
+    text = wait_for(ready, timeout=60)
+    info = {
+        "proc": proc,
+        "data": data,
+        "mqtt_port": int(re.search(r"MQTT\s+mqtt://127.0.0.1:(\d+)", text).group(1)),
+        "http": re.search(r"HTTP API\s+(http://127.0.0.1:\d+)", text).group(1),
+        "admin_key": re.search(r"admin key (\S+)", text).group(1),
+        "out": tmp_path / "up.out",
+    }
+    yield info
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_up_cli_mqtt_http_sql_metrics_and_clean_stop(platform):
+    data = str(platform["data"])
+    added = json.loads(iot2ml("devices", "add", "pump-7", "--type", "pump", "--json", "--data-dir", data).stdout)
+    assert added["device_id"] == "pump-7" and len(added["token"]) > 20
+    token = added["token"]
+
+    def pub(user, password, topic, message):
+        return subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(platform["mqtt_port"]), "-u", user,
+                               "-P", password, "-q", "1", "-t", topic, "-m", message],
+                              capture_output=True, text=True, timeout=20)
+
+    # The broker learns the new device without a restart.
+    wait_for(lambda: pub("pump-7", token, "devices/pump-7/telemetry",
+                         '{"ts": 1763780000.5, "pressure": 3.2, "flow": 11.9}').returncode == 0)
+    assert pub("pump-7", "bad-token", "devices/pump-7/telemetry", '{"pressure": 9}').returncode != 0
+    r = httpx.post(f"{platform['http']}/api/v1/devices/pump-7/telemetry",
+                   content='[{"ts": "2026-11-22T03:00:00Z", "pressure": 3.1}]',
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201 and r.json() == {"accepted": 1}
+    pub("pump-7", token, "devices/pump-7/telemetry", "not json")
+
+    def rows():
+        out = iot2ml("query", "SELECT device_id, count(*) AS n, avg(pressure) AS p FROM pump GROUP BY 1",
+                     "--format", "json", "--data-dir", data, check=False)
+        if out.returncode != 0:
+            return None
+        body = json.loads(out.stdout)
+        return body if body["rows"] and body["rows"][0][1] == 2 else None
+
+    body = wait_for(rows, timeout=30)
+    assert body["columns"] == ["device_id", "n", "p"]
+    assert body["rows"] == [["pump-7", 2, pytest.approx(3.15)]]
+
+    # SQL over HTTP with the admin key, and with a key made by `keys add`.
+    key = json.loads(iot2ml("keys", "add", "analyst", "--role", "reader", "--json", "--data-dir", data).stdout)["key"]
+    for k in (platform["admin_key"], key):
+        r = httpx.post(f"{platform['http']}/api/v1/query", json={"sql": "SELECT reason FROM dead_letters"},
+                       headers={"Authorization": f"Bearer {k}"})
+        assert r.status_code == 200, r.text
+        assert "malformed JSON" in r.json()["rows"][0][0]
+    r = httpx.post(f"{platform['http']}/api/v1/query", json={"sql": "DROP TABLE pump"},
+                   headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400
+
+    from iot2ml import Client
+
+    df = Client(platform["http"], key).query("SELECT count(*) AS n FROM raw")
+    assert df["n"][0] == 3
+
+    metrics = httpx.get(f"{platform['http']}/metrics").text
+    for name in ("iot2ml_ingest_messages_received_total", "iot2ml_ingest_dead_letters_total",
+                 "iot2ml_ingest_consumer_lag", "iot2ml_ingest_write_seconds_bucket"):
+        assert name in metrics
+    received = re.search(r"^iot2ml_ingest_messages_received_total (\S+)", metrics, re.M)
+    assert received and float(received.group(1)) == 3.0
+
+    # Revocation takes effect without a restart.
+    iot2ml("devices", "remove", "pump-7", "--data-dir", data)
+    wait_for(lambda: pub("pump-7", token, "devices/pump-7/telemetry", '{"pressure": 1}').returncode != 0)
+
+    # SIGTERM stops everything, children included.
+    pids = [json.loads((platform["data"] / "run" / f"{c}.json").read_text())["pid"] for c in ("broker", "ingest", "api")]
+    platform["proc"].send_signal(signal.SIGTERM)
+    assert platform["proc"].wait(30) == 0
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=10)
+
+
+def test_up_restarts_a_child_that_dies(platform):
+    data = platform["data"]
+    first = json.loads((data / "run" / "ingest.json").read_text())["pid"]
+    os.kill(first, signal.SIGKILL)
+
+    def restarted():
+        try:
+            pid = json.loads((data / "run" / "ingest.json").read_text())["pid"]
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid != first and alive(pid) else None
+
+    wait_for(restarted, timeout=30)
+
+
+def test_up_names_the_busy_port_and_the_flag(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = iot2ml("up", "--data-dir", str(tmp_path / "d"), "--mqtt-port", str(port), "--nats-port", "0",
+                     "--http-port", "0", check=False)
+    assert out.returncode == 2
+    assert f"port {port} is already in use: pass --mqtt-port" in out.stderr.replace("\n", " ")
+
+
+def test_quick_start_runs_the_demo(tmp_path):
+    """README's first command ends in `iot2ml demo`; run that on this machine (busy default ports)."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.+?)\n```", readme)
+    assert commands[0].endswith("iot2ml demo")
+    assert commands[1] == (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    out = subprocess.run(
+        [sys.executable, "-m", "iot2ml", "demo", "--data-dir", str(tmp_path / "demo"), "--duration", "12"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "iot2ml is up" in text and "admin key" in text
+    counts = dict(re.findall(r"│ (pollution|pump|raw)\s+│\s+([\d,]+) │", text))
+    assert int(counts["pollution"].replace(",", "")) > 0 and int(counts["pump"].replace(",", "")) > 0
+    assert "pollution-0000" in text  # the sample query answered
+    assert "stopped" in text
