@@ -6,6 +6,10 @@ external broker only once the stream has stored it. A crash before that means th
 sends it again; resends carrying the same ``msg_id`` are dropped by the ingest's duplicate filter.
 The external broker is in charge of device logins there; devices must still be registered here
 (``iot2ml devices add``) so their readings find their type, else they are dead-lettered.
+
+Mosquitto drops QoS 1 messages for a subscriber whose queue is full (``max_queued_messages``,
+default 1000) and keeps only ``max_inflight_messages`` (default 20) unacknowledged: for bursts
+larger than that, raise both in the broker's config (0 = no limit for the queue).
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ async def run_bridge(settings: Settings, nats_url: str | Callable[[], str], stop
     nc = await nats.connect(url, name="iot2ml-bridge", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     js = nc.jetstream()
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue(maxsize=10_000)
+    # Unbounded on purpose: we PUBACK only after the stream stored a message, so the external
+    # broker's in-flight window (max_inflight_messages) bounds what can be queued here.
+    queue: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
     subscribed = asyncio.Event()
 
     client_id = "iot2ml-bridge-" + hashlib.sha256(str(settings.data_dir.absolute()).encode()).hexdigest()[:12]
@@ -67,8 +73,7 @@ async def run_bridge(settings: Settings, nats_url: str | Callable[[], str], stop
         loop.call_soon_threadsafe(subscribed.set)
 
     def on_message(_c, _userdata, msg):  # noqa: ANN001
-        future = asyncio.run_coroutine_threadsafe(queue.put((msg.mid, msg.topic, msg.payload)), loop)
-        future.result()  # blocks the network thread while the queue is full: backpressure
+        loop.call_soon_threadsafe(queue.put_nowait, (msg.mid, msg.topic, msg.payload))
 
     client.on_connect = on_connect
     client.on_message = on_message
