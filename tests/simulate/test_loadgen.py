@@ -95,3 +95,13 @@ async def test_bad_arguments_are_named(kwargs, match) -> None:
     args = {"username": None, "password": None, "topic": "t", "payloads": [b"x"], **kwargs}
     with pytest.raises(InvalidInput, match=match):
         await publish_qos1("127.0.0.1", 1, **args)
+
+
+async def test_real_broker_refusing_a_password_raises_auth_error(private_mosquitto) -> None:
+    broker = private_mosquitto(users={"pump-1": "right"})
+    with pytest.raises(AuthError, match=r"refused username 'pump-1': CONNACK return code 5"):
+        await publish_qos1(broker.host, broker.port, username="pump-1", password="wrong", topic="t",
+                           payloads=[b"x"], timeout=5)
+    ok = await publish_qos1(broker.host, broker.port, username="pump-1", password="right", topic="t",
+                            payloads=[b"x"] * 10, timeout=5)
+    assert (ok.sent, ok.acked, ok.first_connack_rc) == (10, 10, 0)

@@ -1,15 +1,18 @@
 """Run a fleet of simulated devices against a platform, over MQTT (paho) or HTTP (httpx).
 
 ``run_simulation`` registers the devices in the catalog (fresh tokens), then every device sends
-``rate`` readings per second. The main thread paces the readings; MQTT clients each run paho's
+``rate`` readings per second. The main thread paces the readings; paho's MQTT clients share one
 network thread; HTTP batches go through a small thread pool. Every wait is bounded.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import secrets
+import selectors
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +31,9 @@ __all__ = ["SimulationStats", "run_simulation"]
 
 TRANSPORTS = ("mqtt", "http")
 _MAX_BURST = 2_000  # readings sent between two looks at the clock, stop flag and progress
-_TICK = 0.05  # longest sleep of the pacing loop, seconds
+_TICK = 0.05  # longest sleep of the pacing and network loops, seconds
+_RETRY_MIN, _RETRY_MAX = 0.2, 2.0  # MQTT reconnect backoff, seconds
+_CLOSE_TIMEOUT = 3.0  # seconds for the MQTT clients to say DISCONNECT
 
 
 @dataclass
@@ -86,8 +91,9 @@ def run_simulation(
 
     Devices are ``{id_prefix or scenario}-{i:04d}``, registered (token rotated) in the catalog.
     ``duration`` None runs until Ctrl-C or ``stop`` is set; both end the run cleanly and return the
-    stats. Readings carry ``ts`` = now, or ``start_time + k / rate`` for the k-th reading of a device
-    when ``start_time`` is given (replays another period at the live pace), and a unique ``msg_id``.
+    stats. Readings carry ``ts`` = now, or with ``start_time`` a simulated clock starting there and
+    advancing at the live pace (the k-th reading of a device at ``start_time + k / rate``, devices
+    staggered within that interval), and a unique ``msg_id`` ``{device_id}-{run_id}-{k}``.
 
     Where to send: ``mqtt_host``/``mqtt_port`` or ``api_url`` if given, else what the running
     platform recorded in ``settings.data_dir``. At most ``max_pending`` readings wait for their
@@ -195,7 +201,7 @@ def _pace(
             return
         elapsed = time.monotonic() - t0
         if deadline is not None and elapsed >= deadline:
-            stats.errors.append(f"could not keep up: sent {j} of {planned} readings in {deadline:.1f}s")
+            fleet.note(f"could not keep up: sent {j} of {planned} readings in {deadline:.1f}s")
             return
         fleet.raise_fatal()
         due = int(elapsed * total_rate) + 1
@@ -303,7 +309,12 @@ class _Fleet:
 
 
 class _MqttFleet(_Fleet):
-    """One paho client (and network thread) per device, QoS 1."""
+    """One paho client per device (QoS 1), all driven by one network thread through an epoll/kqueue
+    selector. Paho's own loop uses ``select()``, which fails past descriptor 1023: with a thread and
+    a socket pair per client that caps a process at ~340 devices.
+
+    Only the network thread touches the clients; the main thread hands it readings via a queue.
+    """
 
     def __init__(self, host: str, port: int, ids: list[str], tokens: list[str]) -> None:
         super().__init__(ids, tokens)
@@ -312,11 +323,23 @@ class _MqttFleet(_Fleet):
         self.clients: list[Any] = []
         self.connected = [threading.Event() for _ in ids]
         self.refused: dict[int, str] = {}
+        self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.woken = False
+        self.retry_at: dict[int, float] = {}
+        self.delay = [_RETRY_MIN] * len(ids)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="iot2ml-sim-mqtt", daemon=True)
 
+    # ---- main thread ----------------------------------------------------------------------
     def connect(self, timeout: float) -> None:
         import paho.mqtt.client as mqtt
 
-        _raise_fd_limit(4 * len(self.ids) + 64)
+        _raise_fd_limit(len(self.ids) + 256)
         for i, (device, token) in enumerate(zip(self.ids, self.tokens)):
             client = mqtt.Client(
                 mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv311,
@@ -325,13 +348,20 @@ class _MqttFleet(_Fleet):
             client.username_pw_set(device, token)
             client.max_inflight_messages_set(100)
             client.max_queued_messages_set(0)
-            client.reconnect_delay_set(min_delay=0.2, max_delay=1.0)
+            client.connect_timeout = min(5.0, timeout)
             client.on_connect = self._on_connect
+            client.on_disconnect = self._on_disconnect
             client.on_publish = self._on_publish
+            client.on_socket_open = self._on_socket_open
+            client.on_socket_close = self._on_socket_close
+            client.on_socket_register_write = self._on_register_write
+            client.on_socket_unregister_write = self._on_unregister_write
             client.connect_async(self.host, self.port, keepalive=30)
-            client.loop_start()
             self.clients.append(client)
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        self.retry_at = dict.fromkeys(range(len(self.ids)), now)
+        self.thread.start()
+        deadline = now + timeout
         for event in self.connected:
             event.wait(max(0.0, deadline - time.monotonic()))
         missing = [i for i, e in enumerate(self.connected) if not e.is_set()]
@@ -346,10 +376,90 @@ class _MqttFleet(_Fleet):
                 f"(e.g. {self.ids[first]!r}: {self.refused[first]}): check that the broker uses this "
                 "data dir's catalog"
             )
+        if len(missing) < len(self.ids):
+            raise BrokerUnavailable(
+                f"{where} accepted only {len(self.ids) - len(missing)} of {len(self.ids)} devices within "
+                f"{timeout:.0f}s: simulate fewer devices, or raise the broker's connection limits"
+            )
         raise BrokerUnavailable(
-            f"{where} did not accept {len(missing)} of {len(self.ids)} devices within {timeout:.0f}s: "
-            "start the platform with 'iot2ml up' or pass the broker's host and port"
+            f"{where} accepted none of {len(self.ids)} devices within {timeout:.0f}s "
+            f"({self.errors[0] if self.errors else 'no answer'}): start the platform with 'iot2ml up' "
+            "or pass the broker's host and port"
         )
+
+    def send(self, i: int, payload: bytes) -> None:
+        self.sent[i] += 1
+        self.queue.append((i, payload))
+        if not self.woken:
+            self.woken = True
+            with contextlib.suppress(BlockingIOError):
+                self.wake_w.send(b"\0")
+
+    def close(self) -> None:
+        self.stopping = True
+        with contextlib.suppress(OSError):
+            self.wake_w.send(b"\0")
+        if self.thread.is_alive():
+            self.thread.join(_CLOSE_TIMEOUT + 2.0)
+        if not self.thread.is_alive():
+            self.selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
+    # ---- network thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        ok = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  # NO_CONN: kept for the reconnect
+        clients, queue, topics = self.clients, self.queue, self.topics
+        next_misc = 0.0
+        closing_since: float | None = None
+        while True:
+            if self.stopping and closing_since is None:
+                closing_since = time.monotonic()
+                self.retry_at.clear()
+                for client in clients:
+                    client.disconnect()
+            if closing_since is not None and (
+                len(self.selector.get_map()) <= 1 or time.monotonic() - closing_since > _CLOSE_TIMEOUT
+            ):
+                return
+            for key, mask in self.selector.select(_TICK):
+                client = key.data
+                if client is None:
+                    self.woken = False
+                    with contextlib.suppress(BlockingIOError):
+                        while self.wake_r.recv(4096):
+                            pass
+                    continue
+                if mask & selectors.EVENT_READ:
+                    client.loop_read()
+                if mask & selectors.EVENT_WRITE:
+                    client.loop_write()
+            while queue and closing_since is None:
+                i, payload = queue.popleft()
+                info = clients[i].publish(topics[i], payload, qos=1)
+                if info.rc not in ok:
+                    self.failed[i] += 1
+                    self.note(f"{self.ids[i]}: publish failed: {mqtt.error_string(info.rc)}")
+            now = time.monotonic()
+            for i, at in list(self.retry_at.items()):
+                if at <= now:
+                    del self.retry_at[i]
+                    try:
+                        clients[i].reconnect()
+                    except OSError as err:
+                        self.note(f"{self.ids[i]}: cannot connect: {err}")
+                        self._retry(i)
+            if now >= next_misc:
+                next_misc = now + 1.0
+                for client in clients:
+                    client.loop_misc()  # keepalive pings
+
+    def _retry(self, i: int) -> None:
+        if not self.stopping:
+            self.retry_at[i] = time.monotonic() + self.delay[i]
+            self.delay[i] = min(self.delay[i] * 2, _RETRY_MAX)
 
     def _on_connect(self, client: Any, i: int, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -357,33 +467,29 @@ class _MqttFleet(_Fleet):
             self.note(f"{self.ids[i]}: CONNACK {reason}")
         else:
             self.refused.pop(i, None)
+            self.delay[i] = _RETRY_MIN
             self.connected[i].set()
+
+    def _on_disconnect(self, client: Any, i: int, flags: Any, reason: Any, properties: Any) -> None:
+        self._retry(i)
 
     def _on_publish(self, client: Any, i: int, mid: int, reason: Any, properties: Any) -> None:
         self.acked[i] += 1
 
-    def send(self, i: int, payload: bytes) -> None:
-        import paho.mqtt.client as mqtt
+    def _on_socket_open(self, client: Any, i: int, sock: Any) -> None:
+        self.selector.register(sock, selectors.EVENT_READ, client)
 
-        info = self.clients[i].publish(self.topics[i], payload, qos=1)
-        if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: queued for the reconnect
-            self.sent[i] += 1
-        else:
-            self.failed[i] += 1
-            self.sent[i] += 1
-            self.note(f"{self.ids[i]}: publish failed: {mqtt.error_string(info.rc)}")
+    def _on_socket_close(self, client: Any, i: int, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(sock)
 
-    def close(self) -> None:
-        for client in self.clients:
-            with contextlib.suppress(Exception):
-                client.disconnect()
-        stoppers = [threading.Thread(target=c.loop_stop, daemon=True) for c in self.clients]
-        for s in stoppers:
-            s.start()
-        deadline = time.monotonic() + 10.0
-        for s in stoppers:
-            s.join(max(0.0, deadline - time.monotonic()))
-        self.clients = []
+    def _on_register_write(self, client: Any, i: int, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+
+    def _on_unregister_write(self, client: Any, i: int, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.modify(sock, selectors.EVENT_READ, client)
 
 
 class _HttpFleet(_Fleet):
@@ -485,7 +591,7 @@ class _HttpFleet(_Fleet):
 
 
 def _raise_fd_limit(needed: int) -> None:
-    """Each paho client holds three descriptors: lift the soft limit towards the hard one if short."""
+    """One descriptor per device: lift the soft limit towards the hard one if short."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not on Windows
