@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     flush_interval: float = Field(0.5, gt=0, le=60, description="Seconds between lake commits while data flows.")
     flush_max_rows: int = Field(200_000, gt=0, description="Commit early once this many readings are buffered.")
     queue_max_messages: int = Field(200_000, gt=0, description="Messages buffered in the ingest before it stops reading.")
-    queue_max_bytes: int = Field(32 * 1024**2, gt=0, description="Payload bytes buffered in the ingest before it stops reading.")
+    queue_max_bytes: int = Field(16 * 1024**2, gt=0, description="Payload bytes buffered in the ingest before it stops reading.")
     dedup_window: float = Field(600.0, ge=0, description="Seconds a (device_id, msg_id) pair is remembered to drop resends.")
     raw_retention_days: float = Field(30.0, gt=0, description="Rows of the raw table older than this are deleted.")
     compact_interval: float = Field(60.0, gt=0, description="Seconds between background compaction passes.")

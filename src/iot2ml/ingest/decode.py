@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -80,32 +79,37 @@ class Decoded:
 
 
 class _DedupWindow:
-    """Remembers ``(device_id, msg_id)`` pairs for ``window`` seconds (bounded)."""
+    """Remembers ``(device_id, msg_id)`` pairs for ``window`` seconds (bounded, oldest dropped first).
+
+    Keys are one string each and the dict keeps insertion order, so expiring pops from the front:
+    cheap enough to check every reading of a batch.
+    """
 
     def __init__(self, window: float, max_entries: int = 2_000_000) -> None:
         self.window = window
         self.max_entries = max_entries
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._seen: dict[str, float] = {}
 
-    def seen(self, key: tuple[str, str], now: float) -> bool:
+    def seen(self, device: str, msg_id: str, now: float) -> bool:
         if self.window <= 0:
             return False
+        key = device + "\x00" + msg_id
         if key in self._seen:
             return True
         self._seen[key] = now
         return False
 
-    def add(self, key: tuple[str, str], at: float) -> None:
-        self._seen[key] = at
+    def add(self, device: str, msg_id: str, at: float) -> None:
+        self._seen[device + "\x00" + msg_id] = at
 
     def expire(self, now: float) -> None:
         cutoff = now - self.window
         seen = self._seen
         while seen:
-            key, at = next(iter(seen.items()))
-            if at >= cutoff and len(seen) <= self.max_entries:
+            key = next(iter(seen))
+            if seen[key] >= cutoff and len(seen) <= self.max_entries:
                 break
-            seen.popitem(last=False)
+            del seen[key]
 
 
 @dataclass
@@ -145,8 +149,8 @@ class Decoder:
     def remember(self, pairs: Iterable[tuple[str, str]], at: float | None = None) -> None:
         """Seed the duplicate filter (e.g. with msg_ids already in the lake after a restart)."""
         at = time.time() if at is None else at
-        for pair in pairs:
-            self.dedup.add(pair, at)
+        for device, msg_id in pairs:
+            self.dedup.add(device, msg_id, at)
 
     def _column(self, key: str) -> str:
         col = self._colnames.get(key)
@@ -278,7 +282,7 @@ class Decoder:
             if type(mid) is str or (type(mid) is int):
                 mid = str(mid)
                 msg_ids[i] = mid
-                if self.dedup.seen((rows.devices[i], mid), now):
+                if self.dedup.seen(rows.devices[i], mid, now):
                     bad.setdefault(i, "")  # "" = duplicate, dropped without a dead letter
                     duplicates += 1
             else:
@@ -483,12 +487,19 @@ def _text(data: bytes) -> str:
 
 
 def _payloads(datas: list[bytes]) -> pa.Array:
-    """Payload bytes as UTF-8 text, validated in Arrow; invalid bytes become U+FFFD."""
-    binary = pa.array(datas, pa.binary())
+    """Payload bytes as one Arrow string array (a single copy), UTF-8 checked by Arrow;
+    invalid bytes become U+FFFD."""
+    lengths = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
+    offsets = np.zeros(len(datas) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    array = pa.Array.from_buffers(
+        pa.large_string(), len(datas), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(datas))]
+    )
     try:
-        return binary.cast(pa.string())
+        array.validate(full=True)
     except pa.ArrowInvalid:
         return pa.array([d.decode("utf-8", "replace") for d in datas], pa.string())
+    return array.cast(pa.string())
 
 
 def _dump(value: object) -> str:

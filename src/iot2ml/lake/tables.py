@@ -32,6 +32,8 @@ class Lake:
         self.is_local = "://" not in self.root or self.root.startswith("file://")
         if self.is_local:
             Path(self.root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        else:
+            self.storage_options = _with_http_allowed(self.storage_options)
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -50,25 +52,47 @@ class Lake:
         import pyarrow.fs as pafs
 
         fs, path = self._pyarrow_fs()
+        bucket = path.split("/", 1)[0]
         names = []
-        for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-            if info.type == pafs.FileType.Directory:
-                sub = fs.get_file_info(f"{info.path}/_delta_log")
-                if sub.type == pafs.FileType.Directory:
-                    names.append(info.base_name)
+        try:
+            # A prefix nobody wrote to yet has no objects: an empty lake, not an error.
+            listing = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+            for info in listing:
+                if info.type == pafs.FileType.Directory:
+                    sub = fs.get_file_info(f"{info.path}/_delta_log")
+                    if sub.type == pafs.FileType.Directory:
+                        names.append(info.base_name)
+            # ... but allow_not_found also hides a missing bucket, which is a mistake to report.
+            no_bucket = not listing and fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except Exception as err:  # noqa: BLE001 - translate any driver error at the boundary
+            raise LakeUnavailable(
+                f"lake {self.root} cannot be listed: {_first_line(err)}: check lake_storage_options "
+                "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)"
+            ) from err
+        if no_bucket:
+            raise LakeUnavailable(f"lake_uri {self.root!r}: bucket {bucket!r} does not exist: create it or fix lake_uri")
         return names
 
     def _pyarrow_fs(self) -> tuple[Any, str]:
         import pyarrow.fs as pafs
 
-        opts = self.storage_options
-        fs = pafs.S3FileSystem(
-            access_key=opts.get("AWS_ACCESS_KEY_ID"),
-            secret_key=opts.get("AWS_SECRET_ACCESS_KEY"),
-            endpoint_override=opts.get("AWS_ENDPOINT_URL"),
-            region=opts.get("AWS_REGION", "us-east-1"),
-            scheme="http" if opts.get("AWS_ALLOW_HTTP") == "true" else "https",
-        )
+        opts = {k.upper(): v for k, v in self.storage_options.items()}  # deltalake ignores key case too
+        endpoint = opts.get("AWS_ENDPOINT_URL") or opts.get("AWS_ENDPOINT")
+        if endpoint and "://" in endpoint:
+            scheme = endpoint.split("://", 1)[0].lower()
+        else:
+            scheme = "http" if _truthy(opts.get("AWS_ALLOW_HTTP")) else "https"
+        try:
+            fs = pafs.S3FileSystem(
+                access_key=opts.get("AWS_ACCESS_KEY_ID"),
+                secret_key=opts.get("AWS_SECRET_ACCESS_KEY"),
+                session_token=opts.get("AWS_SESSION_TOKEN"),
+                endpoint_override=endpoint,
+                region=opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION") or "us-east-1",
+                scheme=scheme,
+            )
+        except Exception as err:  # noqa: BLE001
+            raise LakeUnavailable(f"lake {self.root}: lake_storage_options are not usable: {_first_line(err)}") from err
         return fs, self.root.split("://", 1)[1]
 
     def exists(self, table: str) -> bool:
@@ -162,3 +186,26 @@ class Lake:
         """Drop the cached handle (after another process rewrote the table)."""
         with self._lock:
             self._cache.pop(table, None)
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _with_http_allowed(options: dict[str, str]) -> dict[str, str]:
+    """``options`` plus ``AWS_ALLOW_HTTP=true`` when the endpoint is an ``http://`` URL.
+
+    An explicit ``http://`` endpoint (a local S3 server such as SeaweedFS or MinIO) is meant to be
+    used; without the flag deltalake refuses it with "URL scheme is not allowed". A value the
+    user set, in any case, is kept.
+    """
+    upper = {k.upper(): v for k, v in options.items()}
+    endpoint = str(upper.get("AWS_ENDPOINT_URL") or upper.get("AWS_ENDPOINT") or "")
+    if endpoint.lower().startswith("http://") and "AWS_ALLOW_HTTP" not in upper:
+        return {**options, "AWS_ALLOW_HTTP": "true"}
+    return options
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
