@@ -131,14 +131,20 @@ class Bench:
         t0 = time.perf_counter()
         pub = threading.Thread(target=self.publish, args=(payloads,))
         pub.start()
+        samples = []
         while self.committed() < target:
-            self.rss.append(rss_mb(self.ingest.pid))
+            samples.append(rss_mb(self.ingest.pid))
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
         pub.join()
+        self.rss.extend(samples)
+        half = max(1, len(samples) // 2)
         return {"msgs": len(payloads), "readings": len(payloads) * readings_per_msg, "seconds": round(elapsed, 3),
                 "msg_per_s": round(len(payloads) / elapsed),
-                "readings_per_s": round(len(payloads) * readings_per_msg / elapsed)}
+                "readings_per_s": round(len(payloads) * readings_per_msg / elapsed),
+                # flat memory: the second half of the run peaks no higher than the first
+                "rss_peak_mb_first_half": round(max(samples[:half], default=0), 1),
+                "rss_peak_mb_second_half": round(max(samples[half:], default=0), 1)}
 
     def freshness(self, seconds: float, rate: int = 1000) -> dict:
         """Publish `rate` msg/s; a poller notes when each sequence becomes visible in the lake."""

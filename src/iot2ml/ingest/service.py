@@ -311,19 +311,27 @@ class IngestService:
             await reader.stop()
 
     def _commit(self, writer: LakeWriter, batch: list[tuple[str, str, bytes]], last_seen: int) -> int:
-        started = time.monotonic()
+        """Decode and commit a batch, in slices of at most ``queue_max_bytes / 2`` payload bytes so
+        that the decoded form of one slice bounds the memory, whatever the broker sent meanwhile."""
+        slice_bytes = max(1, self.settings.queue_max_bytes // 2)
         messages: list[InMessage] = []
-        oldest = None
+        size = 0
         for reply, subject, data in batch:
             seq, ts_us = _parse_reply(reply)
             if seq <= last_seen:
                 continue  # redelivered after a consumer reset
             last_seen = seq
             messages.append(InMessage(seq, subject, ts_us, data))
-            if oldest is None:
-                oldest = ts_us
-        if not messages:
-            return last_seen
+            size += len(data)
+            if size >= slice_bytes:
+                self._commit_slice(writer, messages)
+                messages, size = [], 0
+        if messages:
+            self._commit_slice(writer, messages)
+        return last_seen
+
+    def _commit_slice(self, writer: LakeWriter, messages: list[InMessage]) -> None:
+        started = time.monotonic()
         readings, dead, dups, seq_hi = writer.write(messages)
         s, m = self.stats, self._m
         s.messages += len(messages)
@@ -338,9 +346,7 @@ class IngestService:
         m.duplicates.inc(dups)
         m.committed.set(s.committed_seq)
         m.write_seconds.observe(time.monotonic() - started)
-        if oldest is not None:
-            m.freshness_seconds.observe(max(0.0, time.time() - oldest / 1e6))
-        return last_seen
+        m.freshness_seconds.observe(max(0.0, time.time() - messages[0].received_us / 1e6))
 
 
 __all__ = ["APP_ID", "IngestService", "IngestStats", "LakeWriter"]
