@@ -187,3 +187,18 @@ def test_quick_start_runs_the_demo(tmp_path):
     assert int(counts["pollution"].replace(",", "")) > 0 and int(counts["pump"].replace(",", "")) > 0
     assert "pollution-0000" in text  # the sample query answered
     assert "stopped" in text
+
+
+def test_simulate_cli_sends_to_the_running_platform(platform):
+    data = str(platform["data"])
+    for scenario, transport in (("pump", "mqtt"), ("pollution", "http")):
+        out = iot2ml("simulate", "--scenario", scenario, "--devices", "3", "--rate", "5", "--duration", "3",
+                     "--transport", transport, "--data-dir", data, timeout=90)
+        sent = int(re.search(r"sent (\d+), acknowledged (\d+), failed 0", out.stdout).group(2))
+        assert sent >= 30
+
+        def landed(table=scenario, want=sent):
+            res = iot2ml("query", f"SELECT count(*) FROM {table}", "--format", "json", "--data-dir", data, check=False)
+            return res.returncode == 0 and json.loads(res.stdout)["rows"][0][0] == want
+
+        wait_for(landed, timeout=30)
