@@ -412,17 +412,12 @@ class Decoder:
 
 
 def _inferred_kind(t: pa.DataType) -> str:
+    """``kind_of`` for a type Arrow inferred from JSON values, plus ``null`` and ``nested``."""
     if pa.types.is_null(t):
         return "null"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    return "nested"
+    if pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        return "nested"
+    return kind_of(t)
 
 
 def _first_kind(values: list) -> str | None:

@@ -1,5 +1,6 @@
-"""Delta Lake tables (raw, curated per device type, dead letters) on local disk or S3."""
+"""Delta Lake tables (raw, curated per device type, dead letters) on local disk or S3, and their upkeep."""
 
+from .maintenance import Maintainer
 from .tables import Lake
 
-__all__ = ["Lake"]
+__all__ = ["Lake", "Maintainer"]
