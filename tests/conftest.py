@@ -53,12 +53,9 @@ def _drop_postgres_db(url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Each catalog test runs on SQLite and on the machine's PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'catalog.db'}"
-        return
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL (fails in CI if there is none)."""
     url = _postgres_db()
     if url is None:
         if os.environ.get("CI"):
@@ -66,6 +63,15 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not reachable")
     yield url
     _drop_postgres_db(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each catalog test runs on SQLite and on the machine's PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+    else:
+        yield request.getfixturevalue("postgres_url")
 
 
 class RunningBroker:

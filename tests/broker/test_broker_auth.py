@@ -94,11 +94,9 @@ def test_broker_enforces_catalog_identity_sqlite(broker, settings):
     _check_identity(broker, broker.service.catalog)
 
 
-def test_broker_enforces_catalog_identity_postgresql(tmp_path, catalog_url, make_broker):
-    if not catalog_url.startswith("postgresql"):
-        pytest.skip("covered by the sqlite test")
-    settings = load_settings(data_dir=tmp_path / "pg", nats_port=0, mqtt_port=0, catalog_url=catalog_url)
-    _check_identity(make_broker(settings), Catalog(catalog_url))
+def test_broker_enforces_catalog_identity_postgresql(tmp_path, postgres_url, make_broker):
+    settings = load_settings(data_dir=tmp_path / "pg", nats_port=0, mqtt_port=0, catalog_url=postgres_url)
+    _check_identity(make_broker(settings), Catalog(postgres_url))
 
 
 def test_busy_port_names_the_flag(settings):
