@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from ..core.errors import LakeUnavailable
 from ..core.storage import DEAD_LETTERS, RAW, TableStore
 from ..core.transport import STREAM, TELEMETRY_SUBJECT
 from .consumer import OrderedReader
-from .decode import BASE_FIELDS, Decoder, InMessage, kind_of
+from .decode import BASE_FIELDS, Decoded, Decoder, InMessage, kind_of
 from .metrics import metrics
 
 log = logging.getLogger("iot2ml.ingest")
@@ -100,8 +101,11 @@ class LakeWriter:
         return self.marks.get(RAW, 0)
 
     def write(self, messages: list[InMessage]) -> tuple[int, int, int, int]:
-        """Commit a batch; returns (readings, dead letters, duplicates, highest sequence)."""
-        decoded = self.decoder.decode(messages)
+        """Decode and commit a batch; returns (readings, dead letters, duplicates, highest sequence)."""
+        return self.commit(self.decoder.decode(messages))
+
+    def commit(self, decoded: Decoded) -> tuple[int, int, int, int]:
+        """Commit a decoded batch table by table (raw last); batches must come in sequence order."""
         seq_hi = decoded.seq_hi
         plan: list[tuple[str, pa.Table, list[str] | None]] = [
             (name, table, None) for name, table in sorted(decoded.curated.items())
@@ -194,6 +198,7 @@ class IngestService:
         self.stats = IngestStats()
         self.ready = asyncio.Event()
         self._m = metrics()
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="lake-commit")
 
     def _url(self) -> str:
         return self._nats_url() if callable(self._nats_url) else self._nats_url
@@ -229,6 +234,7 @@ class IngestService:
             await self._pump(nc, writer, js, stop, start)
         finally:
             await nc.close()
+            self._writes.shutdown(wait=True)
 
     async def _connect(self, nats, stop: asyncio.Event):  # noqa: ANN001
         delay = 0.2
@@ -311,11 +317,23 @@ class IngestService:
             await reader.stop()
 
     def _commit(self, writer: LakeWriter, batch: list[tuple[str, str, bytes]], last_seen: int) -> int:
-        """Decode and commit a batch, in slices of at most ``queue_max_bytes / 2`` payload bytes so
-        that the decoded form of one slice bounds the memory, whatever the broker sent meanwhile."""
+        """Decode and commit a batch in slices of at most ``queue_max_bytes / 2`` payload bytes, so
+        the decoded form of a slice bounds the memory whatever the broker sent meanwhile. Slice N is
+        committed by the writer thread while slice N+1 is decoded (Delta writes release the GIL)."""
         slice_bytes = max(1, self.settings.queue_max_bytes // 2)
+        pending: Future[None] | None = None
         messages: list[InMessage] = []
         size = 0
+
+        def flush(msgs: list[InMessage]) -> None:
+            nonlocal pending
+            started = time.monotonic()
+            decoded = writer.decoder.decode(msgs)
+            if pending is not None:
+                pending.result()  # in order: the previous slice first
+            pending = self._writes.submit(self._commit_slice, writer, decoded, len(msgs), started,
+                                          msgs[0].received_us)
+
         for reply, subject, data in batch:
             seq, ts_us = _parse_reply(reply)
             if seq <= last_seen:
@@ -324,29 +342,31 @@ class IngestService:
             messages.append(InMessage(seq, subject, ts_us, data))
             size += len(data)
             if size >= slice_bytes:
-                self._commit_slice(writer, messages)
+                flush(messages)
                 messages, size = [], 0
         if messages:
-            self._commit_slice(writer, messages)
+            flush(messages)
+        if pending is not None:
+            pending.result()
         return last_seen
 
-    def _commit_slice(self, writer: LakeWriter, messages: list[InMessage]) -> None:
-        started = time.monotonic()
-        readings, dead, dups, seq_hi = writer.write(messages)
+    def _commit_slice(self, writer: LakeWriter, decoded: Decoded, count: int, started: float,
+                      oldest_us: int) -> None:
+        readings, dead, dups, seq_hi = writer.commit(decoded)
         s, m = self.stats, self._m
-        s.messages += len(messages)
+        s.messages += count
         s.readings += readings
         s.dead += dead
         s.duplicates += dups
         s.batches += 1
         s.committed_seq = max(s.committed_seq, seq_hi)
-        m.received.inc(len(messages))
+        m.received.inc(count)
         m.readings.inc(readings)
         m.dead.inc(dead)
         m.duplicates.inc(dups)
         m.committed.set(s.committed_seq)
         m.write_seconds.observe(time.monotonic() - started)
-        m.freshness_seconds.observe(max(0.0, time.time() - messages[0].received_us / 1e6))
+        m.freshness_seconds.observe(max(0.0, time.time() - oldest_us / 1e6))
 
 
 __all__ = ["APP_ID", "IngestService", "IngestStats", "LakeWriter"]
