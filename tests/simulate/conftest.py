@@ -13,18 +13,15 @@ from typing import Iterator
 
 import pytest
 
-MOSQUITTO = ("127.0.0.1", 1883)
-
-
 @pytest.fixture(scope="session")
-def mosquitto() -> tuple[str, int]:
-    """``(host, port)`` of the Mosquitto broker (anonymous, no password check); skip if it is not up."""
-    try:
-        socket.create_connection(MOSQUITTO, timeout=2).close()
-    except OSError as err:
-        pytest.skip(f"Mosquitto is not reachable on {MOSQUITTO[0]}:{MOSQUITTO[1]} ({err}): "
-                    "start it with 'mosquitto -d' to run the MQTT tests")
-    return MOSQUITTO
+def mosquitto(tmp_path_factory) -> Iterator[tuple[str, int]]:
+    """``(host, port)`` of a Mosquitto of our own for the session (anonymous, no caps on queues)."""
+    if shutil.which("mosquitto") is None:
+        pytest.fail("the mosquitto binary is not installed: apt-get install mosquitto")
+    broker = PrivateMosquitto(tmp_path_factory.mktemp("mosquitto-session"), None)
+    broker.start()
+    yield broker.host, broker.port
+    broker.stop()
 
 
 class Subscriber:
@@ -91,7 +88,10 @@ class PrivateMosquitto:
 
         self.host, self.port = "127.0.0.1", free_port()
         self.conf = directory / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "persistence false", "log_dest stderr"]
+        # No queue or in-flight caps: a slow QoS 1 subscriber gets every message (the defaults,
+        # 1,000 queued and 20 in flight, drop messages for it under load).
+        lines = [f"listener {self.port} {self.host}", "persistence false", "log_dest stderr",
+                 "max_queued_messages 0", "max_inflight_messages 0"]
         if os.geteuid() == 0:
             lines.append("user root")  # else it drops to 'mosquitto', who cannot read pytest's 0700 tmp dirs
         if users is None:
@@ -145,3 +145,9 @@ def private_mosquitto(tmp_path_factory) -> Iterator:
     yield make
     for broker in brokers:
         broker.stop()
+
+
+@pytest.fixture
+def subscriber_class() -> type:
+    """The ``Subscriber`` helper, for tests that subscribe to a broker of their own."""
+    return Subscriber

@@ -16,16 +16,19 @@ def _topic() -> str:
     return f"iot2ml-test/{uuid.uuid4().hex}/x"
 
 
-async def test_every_message_acked_and_delivered_once(mosquitto, subscribe) -> None:
+async def test_every_message_acked_and_delivered_once(private_mosquitto, subscriber_class) -> None:
+    broker = private_mosquitto()
     topic = _topic()
-    sub = subscribe(topic)
+    sub = subscriber_class(broker.host, broker.port, [topic], qos=1)
     payloads = [b'{"ts": 1763780000.%06d, "msg_id": "m-%d", "pad": "%s"}' % (i, i, b"x" * 150) for i in range(20_000)]
 
-    result = await publish_qos1(*mosquitto, username="dev", password="tok", topic=topic, payloads=payloads)
+    result = await publish_qos1(broker.host, broker.port, username="dev", password="tok", topic=topic,
+                                payloads=payloads)
 
     assert (result.sent, result.acked, result.first_connack_rc) == (20_000, 20_000, 0)
     assert result.elapsed > 0 and result.rate > 1_000
     got = [payload for _, payload in await asyncio.to_thread(sub.wait_for, 20_000, 60)]
+    sub.close()
     assert len(got) == 20_000, f"subscriber got {len(got)} messages, expected 20000 exactly"
     assert set(got) == set(payloads)
 
