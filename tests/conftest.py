@@ -123,3 +123,37 @@ def make_broker() -> Iterator:
 @pytest.fixture
 def broker(settings: Settings, make_broker) -> RunningBroker:
     return make_broker(settings)
+
+
+@pytest.fixture
+def external_mosquitto(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A real Mosquitto of our own on a free port, as a user's external broker (anonymous)."""
+    import shutil
+    import socket
+    import subprocess
+
+    from iot2ml.core.runtime import free_port
+
+    if shutil.which("mosquitto") is None:
+        pytest.fail("the mosquitto binary is not installed: apt-get install mosquitto")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false", "log_dest stderr"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n")
+    log = open(tmp_path / "mosquitto.log", "wb")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield "127.0.0.1", port
+    proc.terminate()
+    proc.wait(5)

@@ -1,17 +1,15 @@
-"""`iot2ml ingest --mqtt-url` against the machine's real Mosquitto (127.0.0.1:1883)."""
+"""`iot2ml ingest --mqtt-url` against a real Mosquitto (default settings, our own instance)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 
 import orjson
-import pytest
 
 from iot2ml.core.catalog import Catalog
 from iot2ml.lake import Lake
@@ -19,17 +17,9 @@ from iot2ml.simulate.loadgen import publish_qos1_sync
 from iot2ml.supervisor import settings_env
 
 
-def mosquitto_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 1883), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not mosquitto_up() and not os.environ.get("CI"), reason="no Mosquitto on 127.0.0.1:1883")
-def test_ingest_from_external_mosquitto(settings, make_broker, tmp_path):
-    settings = settings.model_copy(update={"mqtt_url": "mqtt://127.0.0.1:1883"})
+def test_ingest_from_external_mosquitto(settings, make_broker, tmp_path, external_mosquitto):
+    host, port = external_mosquitto
+    settings = settings.model_copy(update={"mqtt_url": f"mqtt://{host}:{port}"})
     make_broker(settings)
     device = f"ext-{uuid.uuid4().hex[:8]}"
     Catalog(settings.catalog).add_device(device, "ext")
@@ -40,11 +30,11 @@ def test_ingest_from_external_mosquitto(settings, make_broker, tmp_path):
         time.sleep(3)  # the bridge subscribes
         payloads = [orjson.dumps({"msg_id": f"m{i}", "n": i, "level": i * 0.1}) for i in range(2000)]
         payloads.append(payloads[5])  # a resend: stored once
-        # Paced: the machine's Mosquitto keeps its default queue of 1,000 messages per subscriber
-        # and drops beyond it (see ingest/bridge.py).
+        # Paced: Mosquitto's default queue of 1,000 messages per subscriber drops beyond it
+        # (see ingest/bridge.py).
         for start in range(0, len(payloads), 250):
             chunk = payloads[start:start + 250]
-            res = publish_qos1_sync("127.0.0.1", 1883, username=None, password=None,
+            res = publish_qos1_sync(host, port, username=None, password=None,
                                     topic=f"devices/{device}/telemetry", payloads=chunk)
             assert res.acked == len(chunk)
             time.sleep(0.1)
