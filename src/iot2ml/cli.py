@@ -24,6 +24,10 @@ types_app = typer.Typer(no_args_is_help=True, help="Device types and their decla
 app.add_typer(devices_app, name="devices")
 app.add_typer(keys_app, name="keys")
 app.add_typer(types_app, name="types")
+models_app = typer.Typer(no_args_is_help=True, help="Registered models (MLflow registry).")
+labels_app = typer.Typer(no_args_is_help=True, help="Labels (ratings, events) joined to telemetry for training.")
+app.add_typer(models_app, name="models")
+app.add_typer(labels_app, name="labels")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -346,6 +350,114 @@ def simulate(
     console.print(f"sent {stats.sent}, acknowledged {stats.acked}, failed {stats.failed} in {stats.elapsed:.1f} s")
     if stats.failed:
         raise typer.Exit(1)
+
+
+# ---- ML workbench --------------------------------------------------------------------------------
+def _workbench(data_dir: Path | None):  # noqa: ANN202
+    from .workbench import Workbench
+
+    return Workbench(_run(_settings, data_dir=data_dir))
+
+
+def _print_models(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        keys = ("name", "version", "aliases", "task", "metrics", "baseline_metrics", "data_versions")
+        print(json.dumps([{k: r.get(k) for k in keys} for r in rows], default=str))
+        return
+    from rich.table import Table
+
+    table = Table("name", "version", "aliases", "task", "metric", "model", "baseline", "data versions")
+    for r in rows:
+        metric = r.get("primary_metric") or next(iter(r["metrics"]), "")
+        fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+        table.add_row(r["name"], str(r["version"]), ",".join(r["aliases"]), r["task"] or "", metric,
+                      fmt(r["metrics"].get(metric)), fmt(r["baseline_metrics"].get(metric)),
+                      json.dumps(r["data_versions"]))
+    console.print(table)
+
+
+@app.command()
+def train(
+    task: Annotated[Optional[str], typer.Argument(help="forecast, classify, regress or anomaly.")] = None,
+    table: Annotated[Optional[str], typer.Option(help="Lake table to train on.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Registered model name.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="forecast: column to forecast.")] = None,
+    freq: Annotated[Optional[str], typer.Option(help="forecast: resampling frequency, e.g. 1h.")] = None,
+    horizon: Annotated[Optional[int], typer.Option(help="forecast: steps ahead.")] = None,
+    label: Annotated[Optional[str], typer.Option(help="classify/regress/anomaly: label column (or labels table).")] = None,
+    entity: Annotated[Optional[str], typer.Option(help="Entity key, e.g. batch_id (labels join on it).")] = None,
+    features: Annotated[Optional[str], typer.Option(help="Comma-separated feature columns.")] = None,
+    where: Annotated[Optional[str], typer.Option(help="SQL filter on the table.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A job TOML file instead of options.")] = None,
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Train a model on a lake table, log it to MLflow and register a new version."""
+    from .ml.jobs import TrainJob
+
+    if config is not None:
+        job = _run(TrainJob.from_toml, config)
+    else:
+        if not (task and table and name):
+            _fail(Iot2mlError("give TASK, --table and --name (or --config job.toml)"))
+        options: dict[str, Any] = {}
+        for key, value in (("target", target), ("freq", freq), ("horizon", horizon), ("label", label),
+                           ("entity", entity)):
+            if value is not None:
+                options[key] = value
+        if features:
+            options["features"] = [f.strip() for f in features.split(",") if f.strip()]
+        if task == "forecast":
+            options.setdefault("progress", not as_json)
+        job = _run(TrainJob, task=task, table=table, name=name, options=options, where=where)
+    bench = _workbench(data_dir)
+    with console.status(f"training {job.task} model {job.name} on {job.table}..."):
+        described = _run(bench.train, job)
+    if as_json:
+        _print_models([described], True)
+        return
+    _print_models([described], False)
+    if described.get("promotion"):
+        console.print(described["promotion"])
+
+
+@models_app.command("list")
+def models_list(as_json: AsJson = False, data_dir: DataDir = None) -> None:
+    """Names, versions, aliases, metrics vs baseline, data versions."""
+    _print_models(_run(_workbench(data_dir).models), as_json)
+
+
+@labels_app.command("import")
+def labels_import(
+    path: Path,
+    entity_column: Annotated[str, typer.Option(help="Column with the entity key, e.g. batch_id.")],
+    label_column: Annotated[str, typer.Option(help="Column with the label, e.g. quality.")],
+    table: Annotated[Optional[str], typer.Option(help="Check entities exist in this table.")] = None,
+    source: Annotated[str, typer.Option(help="Where the labels come from (taster, user, ...).")] = "import",
+    who: Annotated[str, typer.Option(help="Who gave them.")] = os.environ.get("USER", "unknown"),
+    data_dir: DataDir = None,
+) -> None:
+    """Import labels from a CSV file into the labels table (all rows or none)."""
+    from .ml.labels import read_labels_csv
+
+    bench = _workbench(data_dir)
+    rows = _run(read_labels_csv, path, entity_column=entity_column, label_column=label_column)
+    n = _run(bench.import_labels, rows, entity_column=entity_column, label_column=label_column, table=table,
+             source=source, who=who)
+    console.print(f"imported {n} labels")
+
+
+@app.command()
+def predict(
+    name: str,
+    table: Annotated[str, typer.Option(help="Table whose rows to score.")],
+    where: Annotated[Optional[str], typer.Option(help="SQL filter, e.g. \"ts > now() - interval 1 day\".")] = None,
+    version: Annotated[str, typer.Option(help="Version number or alias.")] = "champion",
+    data_dir: DataDir = None,
+) -> None:
+    """Batch scoring: write predictions of a registered model into the predictions table."""
+    out = _run(_workbench(data_dir).predict, name, table=table, where=where, ref=version)
+    console.print(f"{out['rows']} predictions of {out['model']} v{out['version']} written to {out['table']}")
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Training tasks (forecast, classify/regress, anomaly), evaluation against baselines, MLflow registry."""

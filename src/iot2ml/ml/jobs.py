@@ -1,0 +1,192 @@
+"""Training jobs: read a lake table (joined to labels when the label lives there), fit a task,
+log and register it. Also batch scoring into the ``predictions`` table.
+
+The composition root hands in ``read(sql) -> pandas.DataFrame`` and ``version(table) -> int`` so
+this module needs nothing but ``core``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from ..core.errors import InvalidInput, NotFound
+from .base import TrainResult
+
+TASK_KINDS = ("forecast", "classify", "regress", "anomaly")
+LABELS = "labels"
+PREDICTIONS = "predictions"
+PREDICTION_SCHEMA = pa.schema([
+    ("device_id", pa.string()), ("entity", pa.string()), ("ts", pa.timestamp("us", tz="UTC")),
+    ("model", pa.string()), ("version", pa.int64()), ("task", pa.string()),
+    ("prediction", pa.float64()), ("label", pa.string()), ("scores", pa.string()),
+    ("scored_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+@dataclass
+class TrainJob:
+    """One training: which task, on which table, registered under which name, with which options."""
+
+    task: str
+    table: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    where: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_KINDS:
+            raise InvalidInput(f"task {self.task!r} is not known: use one of {', '.join(TASK_KINDS)}")
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise InvalidInput(f"model name {self.name!r} is not valid: use letters, digits, '-', '_', '.'")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainJob:
+        """``task``, ``table``, ``name``, optional ``where`` and the task's options as other keys."""
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise InvalidInput(f"job file {path}: {err}") from None
+        missing = [k for k in ("task", "table", "name") if k not in raw]
+        if missing:
+            raise InvalidInput(f"job file {path} lacks {', '.join(missing)}: see docs/guides")
+        return cls(task=raw.pop("task"), table=raw.pop("table"), name=raw.pop("name"),
+                   where=raw.pop("where", None), options=raw)
+
+
+def make_task(kind: str, options: dict[str, Any]) -> Any:
+    if kind == "forecast":
+        from .forecast import ForecastTask as cls
+    elif kind == "classify":
+        from .classify import ClassifyTask as cls
+    elif kind == "regress":
+        from .classify import RegressTask as cls
+    else:
+        from .anomaly import AnomalyTask as cls
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise InvalidInput(f"{kind} does not take these options {sorted(options)}: {err}") from None
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def training_sql(job: TrainJob, tables: list[str], columns: list[str]) -> str:
+    """The SELECT that feeds the task; joins the latest label per entity when the label is not a column."""
+    if job.table not in tables:
+        raise NotFound(f"no table {job.table!r} in the lake: tables are {', '.join(sorted(tables)) or 'none yet'}")
+    where = f" WHERE {job.where}" if job.where else ""
+    label = job.options.get("label")
+    entity = job.options.get("entity")
+    if label and label not in columns:
+        if LABELS not in tables:
+            raise InvalidInput(f"label {label!r} is neither a column of {job.table} nor in a labels table: "
+                               "import labels with 'iot2ml labels import'")
+        key = entity or "device_id"
+        if key not in columns:
+            raise InvalidInput(f"entity {key!r} is not a column of {job.table}: columns are {', '.join(columns)}")
+        return (
+            f"SELECT t.*, l.label AS {_quote(label)} FROM {_quote(job.table)} t JOIN ("
+            f"SELECT entity, arg_max(label, ts) AS label FROM labels GROUP BY entity) l "
+            f"ON CAST(t.{_quote(key)} AS VARCHAR) = l.entity{where}"
+        )
+    return f"SELECT * FROM {_quote(job.table)}{where}"
+
+
+def run_training(
+    job: TrainJob,
+    *,
+    read: Callable[[str], pd.DataFrame],
+    tables: Callable[[], list[str]],
+    columns: Callable[[str], list[str]],
+    version: Callable[[str], int],
+    registry: Any,
+) -> dict[str, Any]:
+    """Fit ``job`` on the lake and register the model; returns the registry's description of the version."""
+    started = time.monotonic()
+    names = tables()
+    sql = training_sql(job, names, columns(job.table) if job.table in names else [])
+    frame = read(sql)
+    if frame.empty:
+        raise InvalidInput(f"no rows to train on from {job.table}" + (f" where {job.where}" if job.where else ""))
+    data_versions = {job.table: version(job.table)}
+    if LABELS in names and "JOIN" in sql:
+        data_versions[LABELS] = version(LABELS)
+    task = make_task(job.task, job.options)
+    result: TrainResult = task.fit(frame)
+    rescore = None
+    holdout = result.artifacts.get("holdout")
+    if holdout is not None and hasattr(task, "evaluate"):
+        rescore = lambda model: task.evaluate(model, holdout)  # noqa: E731
+    described = registry.log_training(
+        job.name, result, data_versions=data_versions,
+        params={"table": job.table, "where": job.where or "", **job.options, "rows": len(frame),
+                "train_seconds": round(time.monotonic() - started, 2)},
+        rescore=rescore,
+    )
+    return described
+
+
+def score(
+    name: str,
+    *,
+    model: Any,
+    version: int,
+    task: str,
+    frame: pd.DataFrame,
+    entity: str | None = None,
+) -> pa.Table:
+    """Run a registered model over ``frame``; rows for the ``predictions`` table."""
+    out = model.predict(frame)
+    if not isinstance(out, pd.DataFrame):
+        out = pd.DataFrame({"prediction": list(out)})
+    now = pd.Timestamp.now(tz="UTC")
+    n = len(out)
+
+    def col(name_: str, default: Any = None) -> list[Any]:
+        return out[name_].tolist() if name_ in out.columns else [default] * n
+
+    prediction: list[Any]
+    label: list[Any] = [None] * n
+    scores: list[Any] = [None] * n
+    quantile_cols = [c for c in out.columns if c.startswith("q") and c[1:].replace(".", "", 1).isdigit()]
+    proba_cols = [c for c in out.columns if c.startswith("proba_")]
+    if task == "forecast":
+        prediction = col("mean")
+        scores = [json.dumps({c: float(v) for c, v in zip(quantile_cols, row)}) for row in out[quantile_cols].itertuples(index=False)]
+    elif task == "classify":
+        label = [str(v) for v in col("prediction")]
+        prediction = [float(max(row)) for row in out[proba_cols].itertuples(index=False)] if proba_cols else [None] * n
+        scores = [json.dumps({c.removeprefix("proba_"): float(v) for c, v in zip(proba_cols, row)})
+                  for row in out[proba_cols].itertuples(index=False)] if proba_cols else [None] * n
+    elif task == "anomaly":
+        prediction = col("score")
+        label = ["anomaly" if bool(v) else "normal" for v in col("is_anomaly", False)]
+    else:
+        prediction = col("prediction")
+    ts = out["ts"] if "ts" in out.columns else pd.Series([now] * n)
+    ts = pd.to_datetime(ts, utc=True)
+    device = col("device_id")
+    ent = col(entity) if entity else [None] * n
+    return pa.table({
+        "device_id": pa.array([None if v is None else str(v) for v in device], pa.string()),
+        "entity": pa.array([None if v is None else str(v) for v in ent], pa.string()),
+        "ts": pa.array(ts.astype("datetime64[us, UTC]")),
+        "model": pa.array([name] * n, pa.string()),
+        "version": pa.array([int(version)] * n, pa.int64()),
+        "task": pa.array([task] * n, pa.string()),
+        "prediction": pa.array([None if v is None else float(v) for v in prediction], pa.float64()),
+        "label": pa.array(label, pa.string()),
+        "scores": pa.array(scores, pa.string()),
+        "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+    }, schema=PREDICTION_SCHEMA)

@@ -1,0 +1,83 @@
+"""Composition of the ML workbench: lake reads for training, MLflow registry, labels, batch scoring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core.config import Settings
+
+
+class Workbench:
+    """Everything ``iot2ml train / models / labels / predict`` needs, built from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .lake import Lake
+
+        self.settings = settings
+        self.lake = Lake(settings.lake, settings.lake_storage_options)
+        self._registry = None
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from .ml.registry import Registry, tracking_uri_for
+
+            self._registry = Registry(tracking_uri_for(self.settings.data_dir, self.settings.mlflow_tracking_uri),
+                                      artifact_root=self.settings.mlflow_artifact_root
+                                      or str((self.settings.data_dir / "mlartifacts").absolute()))
+        return self._registry
+
+    def read(self, sql: str) -> Any:
+        from .query import query_arrow
+
+        return query_arrow(self.lake, sql, timeout=max(self.settings.query_timeout, 600)).to_pandas()
+
+    def columns(self, table: str) -> list[str]:
+        schema = self.lake.schema(table)
+        return [] if schema is None else list(schema.names)
+
+    def version(self, table: str) -> int:
+        return int(self.lake.open(table).version())
+
+    def train(self, job: Any) -> dict[str, Any]:
+        from .ml.jobs import run_training
+
+        return run_training(job, read=self.read, tables=self.lake.tables, columns=self.columns,
+                            version=self.version, registry=self.registry)
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.registry.list_models()
+
+    def import_labels(self, rows: list[dict], *, entity_column: str, label_column: str, table: str | None,
+                      source: str, who: str) -> int:
+        from .ml.labels import append_labels, known_entities, validate_labels
+
+        known = known_entities(self.lake, table, entity_column) if table else None
+        validated = validate_labels(rows, entity_column=entity_column, label_column=label_column,
+                                    allowed_labels=None, known_entities=known, source=source, who=who)
+        append_labels(self.lake, validated)
+        return validated.num_rows
+
+    def predict(self, name: str, *, table: str, where: str | None = None, ref: str = "champion") -> dict[str, Any]:
+        """Score rows of ``table`` with ``name@ref`` into the ``predictions`` table."""
+        from .ml.jobs import PREDICTIONS, score
+
+        described = self._resolve(name, ref)
+        model = self.registry.load(name, str(described["version"]), unwrap=True)
+        sql = f'SELECT * FROM "{table}"' + (f" WHERE {where}" if where else "")
+        frame = self.read(sql)
+        entity = getattr(model, "entity", None)
+        rows = score(name, model=model, version=described["version"], task=described["task"], frame=frame,
+                     entity=entity if entity and entity != "device_id" else None)
+        if rows.num_rows:
+            self.lake.append(PREDICTIONS, rows, app_id=f"iot2ml-predict-{name}",
+                             version=int(__import__("time").time() * 1000))
+        return {"model": name, "version": described["version"], "rows": rows.num_rows, "table": PREDICTIONS}
+
+    def _resolve(self, name: str, ref: str) -> dict[str, Any]:
+        from .core.errors import NotFound
+
+        for m in self.models():
+            if m["name"] == name and (str(m["version"]) == str(ref) or ref in m["aliases"]):
+                return m
+        raise NotFound(f"no model {name}@{ref}: see 'iot2ml models list'")
