@@ -47,6 +47,22 @@ class KeyRequest(BaseModel):
     role: str = "admin"
 
 
+class TrainRequest(BaseModel):
+    task: str = Field(..., description="forecast, classify, regress or anomaly", examples=["classify"])
+    table: str
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict, description="Task options, e.g. {\"label\": \"quality\"}")
+    where: str | None = None
+
+
+class LabelsRequest(BaseModel):
+    rows: list[dict[str, Any]]
+    entity_column: str = "entity"
+    label_column: str = "label"
+    table: str | None = Field(None, description="Check that every entity exists in this table.")
+    source: str = "api"
+
+
 class _Schemas:
     """Column kinds of the curated tables, re-read from the lake at most every few seconds."""
 
@@ -201,6 +217,31 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     async def post_key(req: KeyRequest, _who: Principal = Depends(admin)) -> dict[str, str]:
         key = await asyncio.to_thread(catalog.add_key, req.name, req.role)
         return {"name": req.name, "key": key}
+
+    def workbench() -> Any:
+        if "workbench" not in state:
+            from ..workbench import Workbench
+
+            state["workbench"] = Workbench(settings)
+        return state["workbench"]
+
+    @app.post("/api/v1/train", status_code=201, summary="Train and register a model (runs to completion)")
+    async def post_train(req: TrainRequest, _who: Principal = Depends(admin)) -> dict[str, Any]:
+        from ..ml.jobs import TrainJob
+
+        job = TrainJob(task=req.task, table=req.table, name=req.name, options=req.options, where=req.where)
+        return await asyncio.to_thread(workbench().train, job)
+
+    @app.get("/api/v1/models", summary="Registered models: versions, aliases, metrics vs baseline")
+    async def get_models(_who: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(workbench().models)
+
+    @app.post("/api/v1/labels", status_code=201, summary="Add labels (all rows or none)")
+    async def post_labels(req: LabelsRequest, who: Principal = Depends(admin)) -> dict[str, int]:
+        n = await asyncio.to_thread(workbench().import_labels, req.rows, entity_column=req.entity_column,
+                                    label_column=req.label_column, table=req.table, source=req.source,
+                                    who=who.name)
+        return {"imported": n}
 
     @app.get("/metrics", summary="Prometheus metrics of every iot2ml process on this data dir")
     async def get_metrics() -> Response:
