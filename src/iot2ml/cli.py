@@ -28,6 +28,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Registered models (MLflow r
 labels_app = typer.Typer(no_args_is_help=True, help="Labels (ratings, events) joined to telemetry for training.")
 app.add_typer(models_app, name="models")
 app.add_typer(labels_app, name="labels")
+schedule_app = typer.Typer(no_args_is_help=True, help="Retraining schedules (run by 'iot2ml up').")
+app.add_typer(schedule_app, name="schedule")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -458,6 +460,83 @@ def predict(
     """Batch scoring: write predictions of a registered model into the predictions table."""
     out = _run(_workbench(data_dir).predict, name, table=table, where=where, ref=version)
     console.print(f"{out['rows']} predictions of {out['model']} v{out['version']} written to {out['table']}")
+
+
+@schedule_app.command("add")
+def schedule_add(
+    name: str,
+    train: Annotated[str, typer.Option("--train", help="What to train, as for 'iot2ml train', e.g. \"forecast --table pollution --target ozone\".")],
+    every: Annotated[Optional[str], typer.Option(help="Retrain this often: 30m, 1h, 1d.")] = None,
+    min_new_rows: Annotated[Optional[int], typer.Option(help="Retrain once this many rows arrived since the last run.")] = None,
+    on_labels: Annotated[bool, typer.Option(help="Retrain when new labels land.")] = False,
+    replace: Annotated[bool, typer.Option(help="Replace a schedule of the same name.")] = False,
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Add a retraining schedule (the model is named by --name in --train, else by the schedule)."""
+    from .core.catalog import Schedules
+    from .scheduler import parse_duration, parse_train_args
+
+    _, catalog = _catalog(data_dir, catalog_url)
+    job = _run(parse_train_args, train, default_name=name)
+    seconds = _run(parse_duration, every) if every else None
+    _run(Schedules(catalog).add, name, job, every_seconds=seconds, min_new_rows=min_new_rows,
+         on_labels=on_labels, replace=replace)
+    console.print(f"schedule {name}: {job['task']} on {job['table']} as model {job['name']}")
+
+
+@schedule_app.command("list")
+def schedule_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List schedules."""
+    from .core.catalog import Schedules
+
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = [{"name": s.name, "job": s.job, "every_seconds": s.every_seconds, "min_new_rows": s.min_new_rows,
+             "on_labels": s.on_labels} for s in Schedules(catalog).list()]
+    print(json.dumps(rows)) if as_json else [console.print(r) for r in rows]
+
+
+@schedule_app.command("runs")
+def schedule_runs(
+    name: Annotated[Optional[str], typer.Argument(help="Only this schedule.")] = None,
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """History of scheduled runs: trigger, status, duration, error, model version."""
+    from .core.catalog import Schedules
+
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = Schedules(catalog).runs(name)
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    from rich.table import Table
+
+    table = Table("id", "schedule", "trigger", "started", "status", "seconds", "version", "error")
+    for r in rows:
+        table.add_row(str(r["id"]), r["schedule"], r["trigger"], str(r["started_at"])[:19], r["status"],
+                      f"{r['duration_s'] or 0:.1f}", str(r["model_version"] or ""), (r["error"] or "")[:60])
+    console.print(table)
+
+
+@schedule_app.command("remove")
+def schedule_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Delete a schedule (its run history stays)."""
+    from .core.catalog import Schedules
+
+    _, catalog = _catalog(data_dir, catalog_url)
+    _run(Schedules(catalog).remove, name)
+    console.print(f"schedule {name} removed")
+
+
+@app.command()
+def scheduler(data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+              nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
+              host: Host = None) -> None:
+    """Run only the retraining scheduler."""
+    from .core.logs import setup_logging
+    from .scheduler import run_scheduler_component
+
+    setup_logging()
+    _run(run_scheduler_component, _run(_settings, data_dir=data_dir, catalog_url=catalog_url))
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from .core.runtime import claim_port, read_run_info, run_dir, secret
 
 log = logging.getLogger("iot2ml.up")
 
-COMPONENTS = ("broker", "ingest", "api")
+COMPONENTS = ("broker", "ingest", "api", "scheduler")
 
 
 def _pdeathsig() -> None:  # pragma: no cover - runs in the child
@@ -102,8 +102,10 @@ class Platform:
         self._wait_ready("broker", timeout)
         self._spawn("ingest")
         self._spawn("api")
+        self._spawn("scheduler")
         self._wait_ready("api", timeout)
         self._wait_ready("ingest", timeout)
+        self._wait_ready("scheduler", timeout)
 
     def _spawn(self, name: str) -> None:
         child = self._children[name]
@@ -170,7 +172,7 @@ class Platform:
     def shutdown(self, timeout: float = 15.0) -> None:
         """Stop children: ingest and API first (they flush), the broker last."""
         self._stop.set()
-        for group in (("api", "ingest"), ("broker",)):
+        for group in (("api", "ingest", "scheduler"), ("broker",)):
             procs = [c.proc for n, c in self._children.items() if n in group and c.proc and c.proc.poll() is None]
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     stream_max_age_hours: float = Field(72.0, gt=0, description="Broker-side buffer of telemetry, by age.")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI; default sqlite under data_dir.")
     mlflow_artifact_root: str | None = Field(None, description="Where model artifacts go (path or s3://); default data_dir/mlartifacts.")
+    schedule_poll: float = Field(10.0, gt=0, description="Seconds between checks of the retraining schedules.")
     query_timeout: float = Field(30.0, gt=0, description="Seconds a SQL query may run.")
     query_max_rows: int = Field(100_000, gt=0, description="Most rows a SQL query returns.")
 
