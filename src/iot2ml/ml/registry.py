@@ -37,6 +37,10 @@ class Registry:
     def __init__(self, tracking_uri: str, *, artifact_root: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+        import warnings
+
+        warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
         import mlflow
         from mlflow import MlflowClient
 
@@ -72,7 +76,7 @@ class Registry:
         import pandas as pd
         from mlflow.models import infer_signature
 
-        from .pyfunc import TaskModel
+        from .pyfunc import TaskModel, utc_aware, utc_naive
 
         mlflow.set_tracking_uri(self.tracking_uri)
         experiment_id = self._experiment(name)
@@ -91,11 +95,11 @@ class Registry:
                 if isinstance(value, pd.DataFrame):
                     continue
                 mlflow.log_dict(_jsonable(value), f"{key}.json")
-            example = result.input_example
+            example = utc_naive(result.input_example)
             signature = None
             if example is not None:
                 try:
-                    signature = infer_signature(example, result.model.predict(example))
+                    signature = infer_signature(example, utc_naive(result.model.predict(utc_aware(example))))
                 except Exception as err:  # noqa: BLE001 - a model without signature still serves
                     log.warning("no signature for %s: %s", name, err)
             info = mlflow.pyfunc.log_model(

@@ -1,0 +1,424 @@
+"""Classify and regress on telemetry: LightGBM on tabular features, cross-validated against a baseline.
+
+The frame is the telemetry of one device type joined with labels. With ``entity`` (seed 004: a wine
+``batch_id``, one cask sample measured several times) and ``aggregate=True`` every entity becomes one
+row: per numeric feature its ``mean``, ``min``, ``max``, ``std`` and ``last`` reading (by ``ts``),
+named ``<feature>__<stat>``, plus ``n_readings``; a string feature contributes its last value. Without
+an entity, or with ``aggregate=False``, every reading is a row.
+
+Figures are out-of-fold: K-fold cross-validation (stratified for classes; grouped by entity when
+readings of one entity are separate rows, so no entity sits on both sides), the baseline predicted
+on the same folds from the same training part: the majority class, or the mean. The returned model
+is refit on every labelled row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from lightgbm import LGBMClassifier, LGBMRegressor
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    mean_absolute_error,
+    mean_squared_error,
+    precision_recall_fscore_support,
+    r2_score,
+)
+from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+from iot2ml.core.errors import InvalidInput
+
+from .base import TrainResult
+
+__all__ = ["ClassifyTask", "RegressTask", "TabularModel"]
+
+RESERVED = frozenset({"device_id", "ts", "received_at", "msg_id", "_seq"})
+"""Columns the lake adds to every row: never features by default."""
+STATS = ("mean", "min", "max", "std", "last")
+"""Aggregations of each numeric feature per entity."""
+COUNT = "n_readings"
+"""Aggregated column: how many readings the entity has."""
+
+
+def _as_float(series: pd.Series) -> np.ndarray:
+    try:
+        if pd.api.types.is_bool_dtype(series) or pd.api.types.is_extension_array_dtype(series):
+            return series.astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+        return series.to_numpy(dtype=float)
+    except (TypeError, ValueError) as err:
+        raise InvalidInput(f"feature {series.name!r} has a non-numeric value ({err}): send numbers") from None
+
+
+def _codes(series: pd.Series, categories: list[str]) -> np.ndarray:
+    """Category codes as floats; missing and unseen values become NaN (LightGBM's missing)."""
+    codes = pd.Categorical(series.astype("string"), categories=categories).codes.astype(float)
+    codes[codes < 0] = np.nan
+    return codes
+
+
+def _missing(frame: pd.DataFrame, columns: list[str], what: str) -> None:
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        have = ", ".join(map(str, frame.columns[:20])) + (", ..." if len(frame.columns) > 20 else "")
+        raise InvalidInput(f"{what} column(s) {', '.join(map(repr, absent))} missing from the frame "
+                           f"(it has {have}): add them or choose other columns")
+
+
+@dataclass
+class _Features:
+    """How raw readings become the model's matrix: chosen and fitted by ``fit``, replayed by ``predict``."""
+
+    entity: str | None
+    aggregate: bool
+    numeric: list[str]
+    categorical: dict[str, list[str]]  # column -> categories seen in training
+
+    @property
+    def by_entity(self) -> bool:
+        return self.entity is not None and self.aggregate
+
+    @property
+    def raw(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+    @property
+    def columns(self) -> list[str]:
+        """Columns of the model matrix, in order."""
+        if not self.by_entity:
+            return self.raw
+        return [*(f"{c}__{s}" for c in self.numeric for s in STATS),
+                *(f"{c}__last" for c in self.categorical), COUNT]
+
+    @property
+    def categorical_index(self) -> list[int]:
+        names = set(self.categorical) if not self.by_entity else {f"{c}__last" for c in self.categorical}
+        return [i for i, c in enumerate(self.columns) if c in names]
+
+    def matrix(self, frame: pd.DataFrame) -> tuple[np.ndarray, pd.Index, pd.Series | None]:
+        """``(X, index, keys)``: the float matrix, the index of its rows and their entity (or None).
+
+        With per-entity aggregation ``frame`` may hold raw readings (aggregated here) or rows already
+        aggregated (every column of ``self.columns`` present).
+        """
+        if self.by_entity and all(c in frame.columns for c in self.columns):
+            keys = frame[self.entity] if self.entity in frame.columns else None
+            return self._encode(frame, last=True), frame.index, keys
+        _missing(frame, self.raw, "feature")
+        if not self.by_entity:
+            keys = frame[self.entity] if self.entity is not None and self.entity in frame.columns else None
+            return self._encode(frame, last=False), frame.index, keys
+        _missing(frame, [self.entity], "entity")
+        rows = self.aggregate_rows(frame)
+        return self._encode(rows, last=True), rows.index, rows[self.entity]
+
+    def aggregate_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """One row per entity (sorted by entity) with the aggregated columns."""
+        if "ts" in frame.columns:
+            frame = frame.sort_values("ts", kind="stable")
+        keys = frame[self.entity]
+        parts: list[pd.DataFrame | pd.Series] = []
+        if self.numeric:
+            values = pd.DataFrame({c: _as_float(frame[c]) for c in self.numeric}, index=frame.index)
+            stats = values.groupby(keys, sort=True).agg(list(STATS))
+            stats.columns = [f"{c}__{s}" for c, s in stats.columns]
+            parts.append(stats)
+        for c in self.categorical:
+            parts.append(frame[c].groupby(keys, sort=True).last().rename(f"{c}__last"))
+        parts.append(keys.groupby(keys, sort=True).size().rename(COUNT))
+        rows = pd.concat(parts, axis=1)
+        rows.index.name = None
+        return rows.rename_axis("_entity").reset_index().rename(columns={"_entity": self.entity})
+
+    def _encode(self, frame: pd.DataFrame, *, last: bool) -> np.ndarray:
+        out = np.empty((len(frame), len(self.columns)), dtype=float)
+        for i, col in enumerate(self.columns):
+            source = col[: -len("__last")] if last and col.endswith("__last") else col
+            if source in self.categorical:
+                out[:, i] = _codes(frame[col], self.categorical[source])
+            else:
+                out[:, i] = _as_float(frame[col])
+        return out
+
+
+def _choose_features(frame: pd.DataFrame, *, label: str, entity: str | None, aggregate: bool,
+                     features: list[str] | None) -> _Features:
+    skip = RESERVED | {label} | ({entity} if entity else set())
+    if features is None:
+        chosen = [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
+        if not chosen:
+            raise InvalidInput(f"no numeric feature columns besides {sorted(skip)}: pass features=[...]")
+    else:
+        _missing(frame, list(features), "feature")
+        bad = [c for c in features if c in {label, entity}]
+        if bad:
+            raise InvalidInput(f"feature {bad[0]!r} is the label or the entity: remove it from features")
+        chosen = list(dict.fromkeys(features))
+    numeric = [c for c in chosen if pd.api.types.is_numeric_dtype(frame[c])]
+    categorical = {c: sorted(frame[c].dropna().astype(str).unique().tolist()) for c in chosen if c not in numeric}
+    return _Features(entity=entity, aggregate=aggregate, numeric=numeric, categorical=categorical)
+
+
+def _training_rows(frame: pd.DataFrame, spec: _Features, label: str, *, numeric_label: bool
+                   ) -> tuple[np.ndarray, pd.Series, np.ndarray | None]:
+    """``(X, y, groups)`` of the labelled rows; groups are entities when readings are rows."""
+    labelled = frame[frame[label].notna()]
+    if labelled.empty:
+        raise InvalidInput(f"no rows with a value in label column {label!r}: import labels first")
+    if numeric_label and not pd.api.types.is_numeric_dtype(labelled[label]):
+        raise InvalidInput(f"label {label!r} has non-numeric values such as {labelled[label].iloc[0]!r}: "
+                           "use the classify task for categories")
+    if not spec.by_entity:
+        x, _, keys = spec.matrix(labelled)
+        groups = keys.to_numpy() if keys is not None else None
+        return x, labelled[label].reset_index(drop=True), groups
+    _missing(frame, [spec.entity], "entity")
+    if numeric_label:
+        target = labelled[label].astype(float).groupby(labelled[spec.entity], sort=True).mean()
+    else:  # the most frequent label of the entity (ties: the first in sort order)
+        counts = labelled.groupby([spec.entity, label], sort=True).size().rename("n").reset_index()
+        counts = counts.sort_values("n", ascending=False, kind="stable").drop_duplicates(spec.entity)
+        target = counts.set_index(spec.entity)[label].sort_index()
+    x, _, keys = spec.matrix(frame[frame[spec.entity].isin(target.index)])
+    return x, target.reindex(keys.to_numpy()).reset_index(drop=True), None
+
+
+def _lgbm_params(n_rows: int, seed: int) -> dict[str, Any]:
+    """Settings that work from a few hundred rows (wine batches) to millions of readings."""
+    return {
+        "n_estimators": 300,
+        "learning_rate": 0.05,
+        "num_leaves": 15,
+        "min_child_samples": max(3, min(20, n_rows // 25)),
+        "min_data_per_group": max(3, min(100, n_rows // 25)),
+        "subsample": 0.9,
+        "subsample_freq": 1,
+        "colsample_bytree": 0.8,
+        "reg_lambda": 1.0,
+        "random_state": seed,
+        "n_jobs": 1 if n_rows < 50_000 else 0,
+        "verbose": -1,
+    }
+
+
+def _sorted_classes(values: pd.Series) -> list[Any]:
+    unique = [v.item() if hasattr(v, "item") else v for v in values.unique()]
+    try:
+        return sorted(unique)
+    except TypeError:
+        return sorted(unique, key=str)
+
+
+@dataclass
+class TabularModel:
+    """A fitted classifier or regressor that predicts from raw readings or aggregated rows."""
+
+    kind: str  # "classify" or "regress"
+    spec: _Features
+    estimator: Any
+    classes: list[Any] | None = None
+
+    @property
+    def features(self) -> list[str]:
+        return self.spec.raw
+
+    def aggregate(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows the model sees: one per entity (``<feature>__<stat>`` columns) when it aggregates,
+        else ``frame`` unchanged. ``predict`` accepts either."""
+        if not self.spec.by_entity:
+            return frame
+        _missing(frame, [*self.spec.raw, self.spec.entity], "feature")
+        return self.spec.aggregate_rows(frame)
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """One row per entity (aggregating raw readings) or per input row: ``prediction`` and, for
+        classification, ``proba_<class>`` per class. Raises ``InvalidInput`` for a missing column."""
+        x, index, keys = self.spec.matrix(frame)
+        out = pd.DataFrame(index=index)
+        if keys is not None:
+            out[self.spec.entity] = keys.to_numpy()
+        if self.kind == "regress":
+            out["prediction"] = self.estimator.predict(x) if len(x) else np.empty(0)
+            return out
+        assert self.classes is not None
+        proba = self.estimator.predict_proba(x) if len(x) else np.empty((0, len(self.classes)))
+        out["prediction"] = np.asarray(self.classes)[proba.argmax(axis=1)] if len(x) else np.asarray(self.classes)[:0]
+        for i, cls in enumerate(self.classes):
+            out[f"proba_{cls}"] = proba[:, i]
+        return out
+
+
+class _TabularTask:
+    name = ""
+
+    def __init__(self, *, label: str, entity: str | None = None, features: list[str] | None = None,
+                 aggregate: bool = True, folds: int = 5, seed: int = 0) -> None:
+        if folds < 2:
+            raise InvalidInput(f"folds={folds}: cross-validation needs 2 or more")
+        self.label, self.entity, self.features = label, entity, features
+        self.aggregate, self.folds, self.seed = aggregate, folds, seed
+
+    def _prepare(self, frame: pd.DataFrame, *, numeric_label: bool
+                 ) -> tuple[_Features, np.ndarray, pd.Series, np.ndarray | None]:
+        _missing(frame, [self.label], "label")
+        if self.entity is not None:
+            _missing(frame, [self.entity], "entity")
+        spec = _choose_features(frame, label=self.label, entity=self.entity, aggregate=self.aggregate,
+                                features=self.features)
+        x, y, groups = _training_rows(frame, spec, self.label, numeric_label=numeric_label)
+        return spec, x, y, groups
+
+    def _example(self, frame: pd.DataFrame, spec: _Features) -> pd.DataFrame:
+        cols = [c for c in (spec.entity, "ts") if c is not None and c in frame.columns] + spec.raw
+        return frame[list(dict.fromkeys(cols))].head(10).reset_index(drop=True)
+
+    def _params(self, spec: _Features, lgbm: dict[str, Any], n_rows: int, n_splits: int) -> dict[str, Any]:
+        return {"label": self.label, "entity": self.entity, "aggregate": spec.by_entity, "folds": n_splits,
+                "seed": self.seed, "rows": n_rows, **{f"lgbm_{k}": v for k, v in lgbm.items()}}
+
+    @staticmethod
+    def _importance(estimator: Any, spec: _Features, top: int = 20) -> dict[str, float]:
+        gains = estimator.booster_.feature_importance(importance_type="gain")
+        order = np.argsort(gains)[::-1][:top]
+        return {spec.columns[i]: round(float(gains[i]), 4) for i in order if gains[i] > 0}
+
+
+class ClassifyTask(_TabularTask):
+    """LightGBM with balanced class weights; stratified K-fold; baseline = the majority class.
+
+    Metrics (out-of-fold, pooled): ``accuracy`` and ``macro_f1`` (primary, greater is better);
+    ``artifacts`` holds the ``confusion_matrix`` (rows = true, columns = predicted), the per-class
+    ``report`` and per-fold figures. Folds are capped by the smallest class; a class with fewer than
+    two examples raises ``InvalidInput``.
+    """
+
+    name = "classify"
+
+    def fit(self, frame: pd.DataFrame) -> TrainResult:
+        spec, x, y, groups = self._prepare(frame, numeric_label=False)
+        classes = _sorted_classes(y)
+        if len(classes) < 2:
+            raise InvalidInput(f"label {self.label!r} has the single class {classes[0]!r}: "
+                               "need examples of at least two classes")
+        y_code = y.map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=int)
+        per_class = (pd.Series(groups).groupby(y_code).nunique() if groups is not None
+                     else pd.Series(y_code).value_counts()).reindex(range(len(classes)), fill_value=0)
+        smallest = int(per_class.idxmin())
+        if per_class[smallest] < 2:
+            unit = "entities" if groups is not None or spec.by_entity else "examples"
+            raise InvalidInput(f"class {classes[smallest]!r} of label {self.label!r} has "
+                               f"{int(per_class[smallest])} {unit}: need at least 2 per class to cross-validate")
+        n_splits = min(self.folds, int(per_class.min()))
+        lgbm = _lgbm_params(len(y_code), self.seed)
+        cat = spec.categorical_index
+
+        if groups is not None:
+            splits = StratifiedGroupKFold(n_splits, shuffle=True, random_state=self.seed).split(x, y_code, groups)
+        else:
+            splits = StratifiedKFold(n_splits, shuffle=True, random_state=self.seed).split(x, y_code)
+        oof, base = np.zeros(len(y_code), dtype=int), np.zeros(len(y_code), dtype=int)
+        per_fold = []
+        labels = list(range(len(classes)))
+        for k, (train, test) in enumerate(splits):
+            model = LGBMClassifier(class_weight="balanced", **lgbm)
+            model.fit(x[train], y_code[train], categorical_feature=cat or "auto")
+            oof[test] = self._codes(model, x[test])
+            base[test] = np.bincount(y_code[train], minlength=len(classes)).argmax()
+            per_fold.append({"fold": k, "rows": len(test),
+                             "macro_f1": float(f1_score(y_code[test], oof[test], average="macro",
+                                                        labels=labels, zero_division=0)),
+                             "baseline_macro_f1": float(f1_score(y_code[test], base[test], average="macro",
+                                                                 labels=labels, zero_division=0))})
+
+        final = LGBMClassifier(class_weight="balanced", **lgbm)
+        final.fit(x, y_code, categorical_feature=cat or "auto")
+        precision, recall, f1, support = precision_recall_fscore_support(y_code, oof, labels=labels,
+                                                                         zero_division=0)
+        return TrainResult(
+            model=TabularModel(kind="classify", spec=spec, estimator=final, classes=classes),
+            task=self.name,
+            metrics=self._scores(y_code, oof, labels),
+            baseline_metrics=self._scores(y_code, base, labels),
+            primary_metric="macro_f1",
+            greater_is_better=True,
+            params={**self._params(spec, lgbm, len(y_code), n_splits), "classes": classes},
+            features=spec.raw,
+            input_example=self._example(frame, spec),
+            artifacts={
+                "confusion_matrix": {"labels": classes,
+                                     "matrix": confusion_matrix(y_code, oof, labels=labels).tolist()},
+                "report": {str(c): {"precision": float(precision[i]), "recall": float(recall[i]),
+                                    "f1": float(f1[i]), "support": int(support[i])}
+                           for i, c in enumerate(classes)},
+                "folds": per_fold,
+                "feature_importance": self._importance(final, spec),
+            },
+        )
+
+    @staticmethod
+    def _codes(model: LGBMClassifier, x: np.ndarray) -> np.ndarray:
+        # A training fold may miss a class of the whole set only with groups; map back to full codes.
+        return np.asarray(model.classes_)[model.predict_proba(x).argmax(axis=1)]
+
+    @staticmethod
+    def _scores(y: np.ndarray, pred: np.ndarray, labels: list[int]) -> dict[str, float]:
+        return {"accuracy": float(accuracy_score(y, pred)),
+                "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0))}
+
+
+class RegressTask(_TabularTask):
+    """LightGBM regression; K-fold; baseline = the training folds' mean.
+
+    Metrics (out-of-fold, pooled): ``mae`` (primary, lower is better), ``rmse`` and ``r2``.
+    """
+
+    name = "regress"
+
+    def fit(self, frame: pd.DataFrame) -> TrainResult:
+        spec, x, y, groups = self._prepare(frame, numeric_label=True)
+        target = y.to_numpy(dtype=float)
+        units = len(np.unique(groups)) if groups is not None else len(target)
+        if units < 2:
+            raise InvalidInput(f"label {self.label!r} has {units} labelled row(s): need at least 2 to cross-validate")
+        n_splits = min(self.folds, units)
+        lgbm = _lgbm_params(len(target), self.seed)
+        cat = spec.categorical_index
+        if groups is not None:
+            splits = GroupKFold(n_splits, shuffle=True, random_state=self.seed).split(x, target, groups)
+        else:
+            splits = KFold(n_splits, shuffle=True, random_state=self.seed).split(x)
+        oof, base = np.zeros(len(target)), np.zeros(len(target))
+        per_fold = []
+        for k, (train, test) in enumerate(splits):
+            model = LGBMRegressor(**lgbm)
+            model.fit(x[train], target[train], categorical_feature=cat or "auto")
+            oof[test] = model.predict(x[test])
+            base[test] = target[train].mean()
+            per_fold.append({"fold": k, "rows": len(test),
+                             "mae": float(mean_absolute_error(target[test], oof[test])),
+                             "baseline_mae": float(mean_absolute_error(target[test], base[test]))})
+        final = LGBMRegressor(**lgbm)
+        final.fit(x, target, categorical_feature=cat or "auto")
+        return TrainResult(
+            model=TabularModel(kind="regress", spec=spec, estimator=final),
+            task=self.name,
+            metrics=self._scores(target, oof),
+            baseline_metrics=self._scores(target, base),
+            primary_metric="mae",
+            greater_is_better=False,
+            params=self._params(spec, lgbm, len(target), n_splits),
+            features=spec.raw,
+            input_example=self._example(frame, spec),
+            artifacts={"folds": per_fold, "feature_importance": self._importance(final, spec)},
+        )
+
+    @staticmethod
+    def _scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+        return {"mae": float(mean_absolute_error(y, pred)),
+                "rmse": math.sqrt(float(mean_squared_error(y, pred))),
+                "r2": float(r2_score(y, pred))}
