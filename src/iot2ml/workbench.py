@@ -66,7 +66,7 @@ class Workbench:
         model = self.registry.load(name, str(described["version"]), unwrap=True)
         sql = f'SELECT * FROM "{table}"' + (f" WHERE {where}" if where else "")
         frame = self.read(sql)
-        entity = getattr(model, "entity", None)
+        entity = getattr(model, "entity", None) or getattr(getattr(model, "spec", None), "entity", None)
         rows = score(name, model=model, version=described["version"], task=described["task"], frame=frame,
                      entity=entity if entity and entity != "device_id" else None)
         if rows.num_rows:

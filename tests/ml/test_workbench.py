@@ -1,0 +1,95 @@
+"""The workbench end to end on real Delta tables and a real MLflow store: train, register, list,
+label joins, batch scoring into `predictions`, scheduled retraining and its history."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from iot2ml.core.catalog import Catalog, Schedules
+from iot2ml.ml.jobs import TrainJob
+from iot2ml.scheduler import Scheduler
+from iot2ml.workbench import Workbench
+
+TS = pa.timestamp("us", tz="UTC")
+
+
+def write(lake, table: str, frame: pd.DataFrame, version: int) -> None:
+    frame = frame.copy()
+    frame["received_at"] = frame["ts"]
+    frame["_seq"] = np.arange(len(frame)) + version * 1_000_000
+    t = pa.Table.from_pandas(frame, preserve_index=False)
+    t = t.set_column(t.schema.get_field_index("ts"), "ts", t["ts"].cast(TS))
+    t = t.set_column(t.schema.get_field_index("received_at"), "received_at", t["received_at"].cast(TS))
+    lake.append(table, t, app_id="test", version=version)
+
+
+def wine(n: int, seed: int) -> tuple[pd.DataFrame, list[dict]]:
+    rng = np.random.default_rng(seed)
+    alcohol = rng.normal(10.5, 1.2, n)
+    acidity = rng.normal(0.5, 0.15, n)
+    score = alcohol - 4 * acidity + rng.normal(0, 0.3, n)
+    quality = np.where(score > 10.2, "best", np.where(score > 8.6, "better", "good"))
+    batches = [f"b{seed}-{i}" for i in range(n)]
+    frame = pd.DataFrame({
+        "device_id": "station-1", "ts": pd.date_range("2026-11-01", periods=n, freq="min", tz="UTC"),
+        "batch_id": batches, "alcohol": alcohol, "volatile_acidity": acidity, "ph": rng.normal(3.3, 0.1, n),
+    })
+    labels = [{"batch_id": b, "quality": q} for b, q in zip(batches, quality)]
+    return frame, labels
+
+
+@pytest.fixture
+def bench(settings):
+    return Workbench(settings)
+
+
+def test_classify_with_labels_table_then_predict(bench):
+    frame, labels = wine(300, seed=1)
+    write(bench.lake, "wine", frame, 1)
+    assert bench.import_labels(labels, entity_column="batch_id", label_column="quality", table="wine",
+                               source="taster", who="ann") == 300
+    described = bench.train(TrainJob(task="classify", table="wine", name="wine-quality",
+                                     options={"label": "quality", "entity": "batch_id"}))
+    assert described["version"] == 1 and "champion" in described["aliases"]
+    assert described["metrics"]["macro_f1"] > described["baseline_metrics"]["macro_f1"] + 0.2
+    assert described["data_versions"]["wine"] == 0 and "labels" in described["data_versions"]
+
+    out = bench.predict("wine-quality", table="wine", where="batch_id IN ('b1-0', 'b1-1', 'b1-2')")
+    assert out["rows"] == 3
+    from iot2ml.query import run_query
+
+    rows = run_query(bench.lake, "SELECT entity, label, model, version FROM predictions ORDER BY entity").rows
+    assert [r[0] for r in rows] == ["b1-0", "b1-1", "b1-2"]
+    assert all(r[1] in {"good", "better", "best"} and r[2] == "wine-quality" and r[3] == 1 for r in rows)
+    listed = bench.models()
+    assert listed[0]["name"] == "wine-quality" and listed[0]["task"] == "classify"
+
+
+def test_scheduler_retrains_and_records_failures(bench, settings):
+    frame, labels = wine(200, seed=2)
+    write(bench.lake, "wine", frame, 1)
+    bench.import_labels(labels, entity_column="batch_id", label_column="quality", table=None, source="t", who="x")
+    schedules = Schedules(Catalog(settings.catalog))
+    schedules.add("retrain-wine", {"task": "classify", "table": "wine", "name": "wine-q", "where": None,
+                                   "options": {"label": "quality", "entity": "batch_id"}}, min_new_rows=100)
+    schedules.add("broken", {"task": "classify", "table": "no_such_table", "name": "nope", "where": None,
+                             "options": {"label": "quality"}}, every_seconds=3600)
+    scheduler = Scheduler(settings)
+    first = {r["schedule"]: r for r in scheduler.tick()}
+    assert first["retrain-wine"]["status"] == "ok" and first["retrain-wine"]["version"] == 1
+    assert first["broken"]["status"] == "failed" and "no_such_table" in first["broken"]["error"]
+    assert scheduler.tick() == []  # nothing new
+
+    more, more_labels = wine(150, seed=3)
+    write(bench.lake, "wine", more, 2)
+    bench.import_labels(more_labels, entity_column="batch_id", label_column="quality", table=None, source="t", who="x")
+    again = scheduler.tick()
+    assert [(r["schedule"], r["trigger"], r["status"]) for r in again] == [("retrain-wine", "150 new rows", "ok")]
+    history = schedules.runs("retrain-wine")
+    assert [h["status"] for h in history] == ["ok", "ok"] and history[0]["model_version"] == 2
+    assert any(m["name"] == "wine-q" and "champion" in m["aliases"] for m in bench.models())
+    failed = schedules.runs("broken")
+    assert failed[0]["status"] == "failed" and failed[0]["duration_s"] is not None
