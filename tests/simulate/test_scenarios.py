@@ -25,8 +25,8 @@ def test_public_surface() -> None:
 def test_registry_knows_builtins_and_names_them_on_a_miss() -> None:
     assert {"pollution", "pump"} <= set(SCENARIOS)
     assert get_scenario("pump").device_type == "pump"
-    with pytest.raises(NotFound, match=r"'wine' is not known: use one of .*pollution, pump"):
-        get_scenario("wine")
+    with pytest.raises(NotFound, match=r"'submarine' is not known: use one of .*pollution, pump"):
+        get_scenario("submarine")
     with pytest.raises(AlreadyExists, match="pump"):
         register(get_scenario("pump"))
     with pytest.raises(TypeError):

@@ -95,8 +95,9 @@ def training_sql(job: TrainJob, tables: list[str], columns: list[str]) -> str:
         key = entity or "device_id"
         if key not in columns:
             raise InvalidInput(f"entity {key!r} is not a column of {job.table}: columns are {', '.join(columns)}")
+        value = "TRY_CAST(l.label AS DOUBLE)" if job.task == "regress" else "l.label"
         return (
-            f"SELECT t.*, l.label AS {_quote(label)} FROM {_quote(job.table)} t JOIN ("
+            f"SELECT t.*, {value} AS {_quote(label)} FROM {_quote(job.table)} t JOIN ("
             f"SELECT entity, arg_max(label, ts) AS label FROM labels GROUP BY entity) l "
             f"ON CAST(t.{_quote(key)} AS VARCHAR) = l.entity{where}"
         )

@@ -1,0 +1,662 @@
+"""Forecast task: per-device series, rolling-origin backtest of several candidates, keep the best by MASE.
+
+How ``ForecastTask.fit`` works:
+
+- **Resampling.** Each series (one value of ``series_column``) is resampled to ``freq`` by the mean
+  of its readings in each bin; the grid runs from its first to its last non-empty bin (UTC).
+- **Gaps.** A run of empty bins of at most ``max_gap`` steps (default: one season) is filled by
+  seasonal interpolation: the value one season earlier plus a linear level correction that joins
+  both edges (plain linear interpolation when less than a season precedes the gap). At a longer gap
+  the series *restarts*: everything before it is dropped. Filled bins are used for training but are
+  never scored. A series left with fewer than ``context + folds * horizon`` points is skipped; its
+  reason is in ``artifacts["skipped_series"]``. No usable series at all raises ``InvalidInput``.
+- **Backtest.** Rolling origin per series: ``folds`` cutoffs ``horizon`` steps apart, the last one
+  ``horizon`` steps before the series' end, each forecasting ``horizon`` steps from the data before
+  it (so the first cutoff has at least ``context`` points). Every candidate is refit at every cutoff.
+  Figures per series and fold, then averaged: MASE (MAE over the in-sample MAE of the seasonal
+  naive forecast on the training part), MAE, RMSE, and ``coverage`` of the interval between the
+  lowest and highest quantile (nominal ``q_high - q_low``).
+- **Candidates.** ``seasonal_naive`` (also the baseline, always run); ``auto_ets`` and
+  ``auto_arima`` from statsforecast, one model per series, parallel over series in ``n_jobs``
+  processes (AutoARIMA searches a reduced space, p, q <= 2 and P, Q <= 1 with the approximate
+  stepwise search: the full search takes ~20 s per hourly series, this one ~0.5 s); ``lightgbm``: ONE global model over all series, trained on scaled first
+  differences (``(y[t] - y[t-1]) / s``, ``s`` = the series' mean absolute difference) with features
+  ``lag<k> = (y[t-k] - y[t-1]) / s`` for k = 2..season+1 and 2*season (capped at ``context``) and
+  calendar features (``hour``, ``dayofweek`` in UTC), forecast recursively. The best backtest
+  MASE wins (ties go to the earlier candidate); a candidate that fails is listed with its error.
+- **Quantiles** are conformal, the same way for every candidate: the backtest residuals, divided
+  by the series' MASE scale, give per horizon step the empirical quantiles (neighbouring steps are
+  pooled until there are ``MIN_RESIDUALS``); a forecast adds them, times the series' scale, to the
+  point forecast. The reported coverage is honest: each fold's interval comes from the other folds'
+  residuals (in-sample only when ``folds == 1``).
+- The returned model is the winner refit on all points, with the quantiles of all folds.
+
+``ForecastModel.predict(frame)`` takes recent history in the training input's shape (series, ts,
+target; raw readings, resampled and gap-filled as above) and returns, per series, the next
+``horizon`` steps after its last bin. Each series needs at least ``context`` resampled points;
+shorter ones are left out and listed in ``out.attrs["skipped_series"]``. Seasonal naive and LightGBM
+use the last ``context`` points; AutoETS/AutoARIMA apply the parameters fitted in training to all the
+history given (a series unseen in training gets a fresh fit on its history).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from iot2ml.core.errors import ConfigError, InvalidInput
+
+from .base import TrainResult
+
+__all__ = ["CANDIDATES", "ForecastModel", "ForecastTask", "infer_season_length"]
+
+CANDIDATES = ("seasonal_naive", "auto_ets", "auto_arima", "lightgbm")
+BASELINE = "seasonal_naive"
+MIN_RESIDUALS = 50
+"""Scaled residuals wanted per horizon step for a conformal quantile; neighbouring steps are pooled."""
+MAX_LGB_ROWS = 2_000_000
+"""Training rows for the global LightGBM model; beyond it each series keeps its most recent rows."""
+
+
+def infer_season_length(freq: str) -> int:
+    """Steps per season: a day for hourly-ish data, a week for daily, a year for monthly, else 1.
+
+    >>> infer_season_length("1h"), infer_season_length("2h"), infer_season_length("D"), infer_season_length("MS")
+    (24, 12, 7, 12)
+    """
+    offset = pd.tseries.frequencies.to_offset(freq)
+    if isinstance(offset, pd.offsets.Tick):
+        step, day = pd.Timedelta(offset), pd.Timedelta(days=1)
+        if step == day:
+            return 7
+        if pd.Timedelta(hours=1) <= step < day and day % step == pd.Timedelta(0):
+            return int(day // step)
+        return 1
+    if isinstance(offset, pd.offsets.MonthBegin | pd.offsets.MonthEnd) and offset.n == 1:
+        return 12
+    return 1
+
+
+# --------------------------------------------------------------------------- regular series
+
+
+@dataclass
+class _Series:
+    key: Any
+    index: pd.DatetimeIndex  # regular, UTC
+    values: np.ndarray  # float, no NaN
+    observed: np.ndarray  # False where a gap was filled
+
+
+@dataclass
+class _Prepared:
+    series: list[_Series]
+    skipped: list[dict[str, str]]
+    filled_points: int = 0
+    restarted_series: int = 0
+
+
+def _check_frame(frame: pd.DataFrame, columns: Sequence[str]) -> None:
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        have = ", ".join(map(str, frame.columns[:20])) + (", ..." if len(frame.columns) > 20 else "")
+        raise InvalidInput(f"column(s) {', '.join(map(repr, absent))} missing from the frame (it has {have}): "
+                           "pass series_column/time_column/target naming columns it has")
+    ts = frame[columns[1]]
+    if not isinstance(ts.dtype, pd.DatetimeTZDtype):
+        raise InvalidInput(f"column {columns[1]!r} must hold timezone-aware timestamps (UTC), not {ts.dtype}: "
+                           "read it from the lake or convert with pd.to_datetime(..., utc=True)")
+    if not (pd.api.types.is_numeric_dtype(frame[columns[2]]) or frame[columns[2]].dtype == object):
+        raise InvalidInput(f"target {columns[2]!r} is not numeric (dtype {frame[columns[2]].dtype}): choose a numeric column")
+
+
+def _fill(values: np.ndarray, season: int, max_gap: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Fill short NaN runs, restart after the last long one: (values, observed, start, filled)."""
+    observed = ~np.isnan(values)
+    missing = np.flatnonzero(~observed)
+    if not len(missing):
+        return values, observed, 0, 0
+    breaks = np.flatnonzero(np.diff(missing) > 1)
+    starts = np.r_[missing[0], missing[breaks + 1]]
+    ends = np.r_[missing[breaks], missing[-1]] + 1  # exclusive; the series ends on an observed bin
+    long = np.flatnonzero(ends - starts > max_gap)
+    start = int(ends[long[-1]]) if len(long) else 0
+    y = values[start:].copy()
+    filled = 0
+    for s, e in zip(starts - start, ends - start):
+        if s < 1:
+            continue
+        if s - 1 - season >= 0 and season > 1:
+            for t in range(s, e):  # in order: a gap longer than a season reuses what it just filled
+                y[t] = y[t - season]
+            e0, e1 = y[s - 1] - y[s - 1 - season], y[e] - y[e - season]
+            w = (np.arange(s, e) - (s - 1)) / (e - (s - 1))
+            y[s:e] += e0 * (1 - w) + e1 * w
+        else:
+            y[s:e] = np.interp(np.arange(s, e), [s - 1, e], [y[s - 1], y[e]])
+        filled += int(e - s)
+    return y, observed[start:], start, filled
+
+
+def _prepare(frame: pd.DataFrame, *, series_column: str, time_column: str, target: str, freq: str,
+             season: int, max_gap: int, min_length: int, need: str) -> _Prepared:
+    """Resample every series to ``freq`` and fill its gaps; series shorter than ``min_length`` are skipped."""
+    _check_frame(frame, [series_column, time_column, target])
+    data = pd.DataFrame({
+        "key": frame[series_column].reset_index(drop=True),
+        "ts": frame[time_column].dt.tz_convert("UTC").reset_index(drop=True),
+        "y": pd.to_numeric(frame[target], errors="coerce").astype(float).reset_index(drop=True),
+    })
+    present = data.dropna(subset=["ts", "y"])
+    out = _Prepared(series=[], skipped=[])
+    empty = set(data["key"].dropna().unique()) - set(present["key"].unique())
+    for key in sorted(empty, key=str):
+        out.skipped.append({"series": str(key), "reason": f"no numeric {target!r} value"})
+    if present.empty:
+        return out
+    binned = present.set_index("ts").groupby("key", sort=True)["y"].resample(freq).mean()
+    for key, sub in binned.groupby(level=0, sort=False):
+        index = pd.DatetimeIndex(sub.index.get_level_values(1))
+        values, observed, start, filled = _fill(sub.to_numpy(dtype=float), season, max_gap)
+        if start:
+            out.restarted_series += 1
+        out.filled_points += filled
+        if len(values) < min_length:
+            why = f"{len(values)} points at {freq}"
+            if start:
+                why += f" after a gap longer than {max_gap} steps (ending {index[start]:%Y-%m-%dT%H:%MZ}; earlier points dropped)"
+            out.skipped.append({"series": str(key), "reason": f"{why}; {need}"})
+            continue
+        out.series.append(_Series(key, index[start:], values, observed))
+    return out
+
+
+def _mase_scale(y: np.ndarray, season: int) -> float:
+    """In-sample MAE of the seasonal naive forecast (lag 1 when too short or flat; 1.0 if all is flat)."""
+    for lag in (season, 1):
+        if len(y) > lag:
+            scale = float(np.mean(np.abs(y[lag:] - y[:-lag])))
+            if scale > 0 and math.isfinite(scale):
+                return scale
+    return 1.0
+
+
+def _future_index(index: pd.DatetimeIndex, freq: str, h: int) -> pd.DatetimeIndex:
+    return pd.date_range(index[-1], periods=h + 1, freq=freq)[1:]
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class _Batch:
+    """Histories to forecast from, and the timestamps to forecast."""
+
+    keys: list[Any]
+    ys: list[np.ndarray]
+    index: list[pd.DatetimeIndex]
+    future: list[pd.DatetimeIndex]
+
+
+class _SeasonalNaive:
+    name = "seasonal_naive"
+
+    def __init__(self, season: int) -> None:
+        self.season = season
+
+    def fit(self, batch: _Batch) -> None:
+        pass
+
+    def forecast(self, batch: _Batch, h: int) -> np.ndarray:
+        m = self.season
+        steps = np.arange(h) % m
+        return np.stack([y[len(y) - m + steps] for y in batch.ys])
+
+    def backtest(self, batch: _Batch, h: int) -> np.ndarray:
+        return self.forecast(batch, h)
+
+
+class _StatsModel:
+    """AutoETS or AutoARIMA per series through statsforecast (processes over series)."""
+
+    def __init__(self, name: str, season: int, n_jobs: int) -> None:
+        self.name, self.season, self.n_jobs = name, season, n_jobs
+        self.fitted: dict[Any, Any] = {}
+
+    def _model(self) -> Any:
+        from statsforecast.models import AutoARIMA, AutoETS
+
+        if self.name == "auto_ets":
+            return AutoETS(season_length=self.season)
+        return AutoARIMA(season_length=self.season, approximation=True, max_p=2, max_q=2, max_P=1, max_Q=1)
+
+    def _frame(self, ys: list[np.ndarray]) -> pd.DataFrame:
+        lengths = [len(y) for y in ys]
+        return pd.DataFrame({
+            "unique_id": np.repeat(np.arange(len(ys)), lengths),
+            "ds": np.concatenate([np.arange(n) for n in lengths]),
+            "y": np.concatenate(ys),
+        })
+
+    def _engine(self) -> Any:
+        from statsforecast import StatsForecast
+
+        return StatsForecast(models=[self._model()], freq=1, n_jobs=self.n_jobs)
+
+    def backtest(self, batch: _Batch, h: int) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self._engine().forecast(df=self._frame(batch.ys), h=h)
+        out = out.sort_values(["unique_id", "ds"])
+        return out.iloc[:, -1].to_numpy(dtype=float).reshape(len(batch.ys), h)
+
+    def fit(self, batch: _Batch) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = self._engine().fit(df=self._frame(batch.ys))
+        # statsforecast orders series by unique_id, which is our position
+        self.fitted = {key: engine.fitted_[i, 0] for i, key in enumerate(batch.keys)}
+
+    def forecast(self, batch: _Batch, h: int) -> np.ndarray:
+        out = np.empty((len(batch.ys), h))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, (key, y) in enumerate(zip(batch.keys, batch.ys)):
+                model = self.fitted.get(key)
+                if model is not None:
+                    out[i] = model.forward(y=y.astype(float), h=h)["mean"]
+                else:
+                    out[i] = self._model().forecast(y=y.astype(float), h=h)["mean"]
+        return out
+
+
+def _lgb_lags(season: int, context: int) -> list[int]:
+    base = set(range(1, season + 2)) if season > 1 else {1, 2, 3, 4}
+    base.add(2 * season)
+    return sorted(k for k in base if k <= context)
+
+
+def _calendar_names(freq: str) -> list[str]:
+    offset = pd.tseries.frequencies.to_offset(freq)
+    if isinstance(offset, pd.offsets.Tick):
+        step = pd.Timedelta(offset)
+        if step < pd.Timedelta(days=1):
+            return ["hour", "dayofweek"]
+        if step == pd.Timedelta(days=1):
+            return ["dayofweek"]
+    return ["month"]
+
+
+def _calendar(index: pd.DatetimeIndex, names: list[str]) -> np.ndarray:
+    return np.column_stack([np.asarray(getattr(index, n), dtype=float) for n in names]) if names \
+        else np.empty((len(index), 0))
+
+
+class _LightGBM:
+    """One global LightGBM model over all series, on values relative to a local level; recursive forecasts."""
+
+    name = "lightgbm"
+    anchor_mode = "mean"
+
+    def __init__(self, season: int, context: int, freq: str, n_threads: int) -> None:
+        self.season = season
+        self.lags = _lgb_lags(season, context)
+        self.calendar = _calendar_names(freq)
+        self.n_threads = n_threads
+        self.scales: dict[Any, float] = {}
+        self.booster: Any = None
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f"lag{k}" for k in self.lags] + self.calendar
+
+    def _scale(self, y: np.ndarray) -> float:
+        return _mase_scale(y, self.season)
+
+    def _rows(self, hist: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``hist``: (rows, width) values before the target step -> (anchor, scaled lag features)."""
+        width, m = hist.shape[1], min(self.season, hist.shape[1])
+        if self.anchor_mode == "last":
+            anchor = hist[:, -1]
+        elif self.anchor_mode == "season":
+            anchor = hist[:, width - m]
+        else:
+            anchor = hist[:, width - m:].mean(axis=1)
+        return anchor, (hist[:, [width - k for k in self.lags]] - anchor[:, None]) / scale[:, None]
+
+    def fit(self, batch: _Batch) -> None:
+        from lightgbm import LGBMRegressor
+
+        width = max(self.lags)
+        per_series = max(4 * width, MAX_LGB_ROWS // max(1, len(batch.ys)))
+        xs, ts = [], []
+        self.scales = {}
+        for key, y, index in zip(batch.keys, batch.ys, batch.index):
+            s = self.scales[key] = self._scale(y)
+            if len(y) <= width:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(y, width + 1)[-per_series:]
+            anchor, lags = self._rows(windows[:, :-1], np.full(len(windows), s))
+            xs.append(np.hstack([lags, _calendar(index[-len(windows):], self.calendar)]))
+            ts.append((windows[:, -1] - anchor) / s)
+        if not xs:
+            raise InvalidInput(f"no series is longer than {width} points: lightgbm has nothing to learn from")
+        self.booster = LGBMRegressor(
+            n_estimators=300, learning_rate=0.05, num_leaves=31, min_child_samples=20, subsample=0.8,
+            subsample_freq=1, colsample_bytree=0.8, random_state=0, n_jobs=self.n_threads, verbose=-1,
+        ).fit(np.vstack(xs), np.concatenate(ts), feature_name=self.feature_names).booster_
+
+    def forecast(self, batch: _Batch, h: int) -> np.ndarray:
+        width = max(self.lags)
+        buf = np.empty((len(batch.ys), width + h))
+        buf[:, :width] = np.stack([y[-width:] for y in batch.ys])
+        scale = np.array([self.scales.get(k) or self._scale(y) for k, y in zip(batch.keys, batch.ys)])
+        cal = np.stack([_calendar(f[:h], self.calendar) for f in batch.future])  # (series, h, features)
+        for j in range(h):
+            anchor, lags = self._rows(buf[:, j:width + j], scale)
+            buf[:, width + j] = anchor + self.booster.predict(np.hstack([lags, cal[:, j, :]])) * scale
+        return buf[:, width:]
+
+    def backtest(self, batch: _Batch, h: int) -> np.ndarray:
+        self.fit(batch)
+        return self.forecast(batch, h)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _conformal(resid: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
+    """(series, folds, h) scaled residuals with NaN -> (h, len(quantiles)) residual quantiles."""
+    h = resid.shape[-1]
+    per_step = resid.reshape(-1, h)
+    counts = np.sum(~np.isnan(per_step), axis=0)
+    table = np.zeros((h, len(quantiles)))
+    for j in range(h):
+        w = 0
+        while w < h and np.sum(counts[max(0, j - w): j + w + 1]) < MIN_RESIDUALS:
+            w += 1
+        pool = per_step[:, max(0, j - w): j + w + 1]
+        pool = pool[~np.isnan(pool)]
+        if len(pool):
+            table[j] = np.quantile(pool, quantiles)
+    return table
+
+
+def _score(pred: np.ndarray, actual: np.ndarray, scale: np.ndarray,
+           quantiles: Sequence[float]) -> tuple[dict[str, float], np.ndarray]:
+    """Backtest figures averaged over series and folds, and the scaled residuals."""
+    err = actual - pred
+    resid = err / scale[:, :, None]
+    lo, hi = quantiles.index(min(quantiles)), quantiles.index(max(quantiles))
+    folds = pred.shape[1]
+    covered = np.full(pred.shape, np.nan)
+    for k in range(folds):
+        others = [f for f in range(folds) if f != k] or [k]
+        table = _conformal(resid[:, others, :], quantiles)
+        lower = pred[:, k, :] + table[None, :, lo] * scale[:, k, None]
+        upper = pred[:, k, :] + table[None, :, hi] * scale[:, k, None]
+        inside = (actual[:, k, :] >= lower) & (actual[:, k, :] <= upper)
+        covered[:, k, :] = np.where(np.isnan(actual[:, k, :]), np.nan, inside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fold with no observed point is NaN, left out
+        mae = np.nanmean(np.abs(err), axis=2)
+        metrics = {
+            "mase": float(np.nanmean(mae / scale)),
+            "mae": float(np.nanmean(mae)),
+            "rmse": float(np.nanmean(np.sqrt(np.nanmean(err**2, axis=2)))),
+            "coverage": float(np.nanmean(np.nanmean(covered, axis=2))),
+        }
+    return metrics, resid
+
+
+# --------------------------------------------------------------------------- model and task
+
+
+@dataclass
+class ForecastModel:
+    """The refit winner. ``predict(frame)`` forecasts the next ``horizon`` steps of each series in it."""
+
+    candidate: str
+    target: str
+    freq: str
+    horizon: int
+    context: int
+    season_length: int
+    max_gap: int
+    quantiles: tuple[float, ...]
+    series_column: str
+    time_column: str
+    engine: Any  # one of the candidate classes above, fitted
+    residual_quantiles: np.ndarray  # (horizon, len(quantiles)), in units of the series' MASE scale
+    scales: dict[Any, float] = field(default_factory=dict)
+
+    @property
+    def quantile_columns(self) -> list[str]:
+        return [f"q{q:g}" for q in self.quantiles]
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Columns ``[series_column, "ts", "mean", "q0.1", "q0.5", "q0.9"]``, ``horizon`` rows per series."""
+        return self._predict(frame, self.horizon)
+
+    def predict_series(self, history: Mapping[Any, pd.Series] | pd.DataFrame, horizon: int | None = None) -> pd.DataFrame:
+        """Like ``predict``, from ``{series id: Series indexed by UTC timestamps}`` or a frame, ``horizon`` steps."""
+        h = self.horizon if horizon is None else int(horizon)
+        if not 1 <= h <= self.horizon:
+            raise InvalidInput(f"horizon {horizon} is outside 1..{self.horizon}: the model was trained for {self.horizon} steps")
+        if isinstance(history, pd.DataFrame):
+            return self._predict(history, h)
+        parts = []
+        for key, series in history.items():
+            if not isinstance(series.index, pd.DatetimeIndex):
+                raise InvalidInput(f"history of series {key!r} must be indexed by timestamps, not {type(series.index).__name__}")
+            parts.append(pd.DataFrame({self.series_column: key, self.time_column: series.index, self.target: series.to_numpy()}))
+        if not parts:
+            raise InvalidInput("history is empty: pass at least one series with its last points")
+        return self._predict(pd.concat(parts, ignore_index=True), h)
+
+    def _predict(self, frame: pd.DataFrame, h: int) -> pd.DataFrame:
+        need = f"forecasting needs at least context={self.context} points"
+        prepared = _prepare(frame, series_column=self.series_column, time_column=self.time_column,
+                            target=self.target, freq=self.freq, season=self.season_length,
+                            max_gap=self.max_gap, min_length=self.context, need=need)
+        if not prepared.series:
+            reasons = "; ".join(f"{s['series']}: {s['reason']}" for s in prepared.skipped[:5]) or "the frame is empty"
+            raise InvalidInput(f"no series to forecast ({need} at {self.freq}): {reasons}")
+        series = prepared.series
+        keep = None if self.candidate.startswith("auto_") else self.context
+        batch = _Batch(
+            keys=[s.key for s in series],
+            ys=[s.values if keep is None else s.values[-keep:] for s in series],
+            index=[s.index if keep is None else s.index[-keep:] for s in series],
+            future=[_future_index(s.index, self.freq, h) for s in series],
+        )
+        mean = self.engine.forecast(batch, h)
+        scale = np.array([self.scales.get(s.key) or _mase_scale(s.values, self.season_length) for s in series])
+        bands = mean[:, :, None] + self.residual_quantiles[None, :h, :] * scale[:, None, None]
+        out = pd.DataFrame({
+            self.series_column: np.repeat(np.array(batch.keys, dtype=object), h),
+            "ts": batch.future[0].append(batch.future[1:]),
+            "mean": mean.reshape(-1),
+        })
+        for j, col in enumerate(self.quantile_columns):
+            out[col] = bands[:, :, j].reshape(-1)
+        out.attrs["skipped_series"] = prepared.skipped
+        return out
+
+
+class ForecastTask:
+    """Forecast ``target`` per series ``horizon`` steps ahead at ``freq``; see the module docstring.
+
+    ``context`` (default ``max(2 * horizon, 2 * season_length)``) is both the shortest training part
+    of the backtest and the history ``predict`` needs per series. ``max_gap`` (default one season)
+    is the longest run of empty bins that is filled; a longer gap restarts the series after it.
+    ``n_jobs`` is the process count for statsforecast and the thread count for LightGBM (-1: all CPUs).
+    """
+
+    name = "forecast"
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        freq: str = "1h",
+        horizon: int = 24,
+        context: int | None = None,
+        quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+        series_column: str = "device_id",
+        time_column: str = "ts",
+        folds: int = 3,
+        candidates: Sequence[str] = CANDIDATES,
+        season_length: int | None = None,
+        max_gap: int | None = None,
+        n_jobs: int = -1,
+        progress: bool = False,
+    ) -> None:
+        try:
+            pd.tseries.frequencies.to_offset(freq)
+        except ValueError:
+            raise ConfigError(f"freq {freq!r} is not a pandas frequency: use e.g. '1h', '15min', '1D'") from None
+        if int(horizon) < 1:
+            raise ConfigError(f"horizon {horizon} must be at least 1 step")
+        if int(folds) < 1:
+            raise ConfigError(f"folds {folds} must be at least 1")
+        self.season_length = int(season_length) if season_length else infer_season_length(freq)
+        if self.season_length < 1:
+            raise ConfigError(f"season_length {season_length} must be at least 1")
+        self.target, self.freq, self.horizon, self.folds = target, freq, int(horizon), int(folds)
+        self.context = int(context) if context is not None else max(2 * self.horizon, 2 * self.season_length)
+        if self.context < max(self.horizon, self.season_length, 2):
+            raise ConfigError(f"context {context} is shorter than the horizon ({self.horizon}) or a season "
+                              f"({self.season_length}): pass context >= {max(self.horizon, self.season_length, 2)}")
+        qs = tuple(float(q) for q in quantiles)
+        if len(qs) < 2 or not all(0 < q < 1 for q in qs) or len(set(qs)) != len(qs):
+            raise ConfigError(f"quantiles {list(quantiles)} must be at least two distinct values in (0, 1), e.g. 0.1,0.5,0.9")
+        self.quantiles = tuple(sorted(qs))
+        unknown = [c for c in candidates if c not in CANDIDATES]
+        if unknown or not candidates:
+            raise ConfigError(f"candidates {list(candidates)} must be taken from {', '.join(CANDIDATES)}")
+        self.candidates = tuple(dict.fromkeys(candidates))
+        self.max_gap = int(max_gap) if max_gap is not None else self.season_length
+        self.series_column, self.time_column = series_column, time_column
+        self.n_jobs = int(n_jobs)
+        self.progress = progress
+
+    def _engine(self, name: str) -> Any:
+        if name == "seasonal_naive":
+            return _SeasonalNaive(self.season_length)
+        if name == "lightgbm":
+            threads = self.n_jobs if self.n_jobs > 0 else (os.cpu_count() or 1)
+            return _LightGBM(self.season_length, self.context, self.freq, threads)
+        return _StatsModel(name, self.season_length, self.n_jobs)
+
+    def fit(self, frame: pd.DataFrame) -> TrainResult:
+        from rich.progress import Progress
+
+        h, folds = self.horizon, self.folds
+        length = self.context + folds * h
+        need = f"training needs {length} = context {self.context} + folds {folds} x horizon {h}"
+        prepared = _prepare(frame, series_column=self.series_column, time_column=self.time_column,
+                            target=self.target, freq=self.freq, season=self.season_length,
+                            max_gap=self.max_gap, min_length=length, need=need)
+        series = prepared.series
+        if not series:
+            reasons = "; ".join(f"{s['series']}: {s['reason']}" for s in prepared.skipped[:5]) or "the frame is empty"
+            raise InvalidInput(f"no series in {self.series_column!r} has {length} regular points at {self.freq} "
+                               f"(context {self.context} + folds {folds} x horizon {h}): {reasons}. "
+                               "Collect more history or lower horizon, folds or context")
+
+        n = len(series)
+        actual = np.full((n, folds, h), np.nan)
+        scale = np.empty((n, folds))
+        fold_batches = []
+        for k in range(folds):
+            cuts = [len(s.values) - (folds - k) * h for s in series]
+            for i, (s, c) in enumerate(zip(series, cuts)):
+                actual[i, k] = np.where(s.observed[c:c + h], s.values[c:c + h], np.nan)
+                scale[i, k] = _mase_scale(s.values[:c], self.season_length)
+            fold_batches.append(_Batch(
+                keys=[s.key for s in series], ys=[s.values[:c] for s, c in zip(series, cuts)],
+                index=[s.index[:c] for s, c in zip(series, cuts)], future=[s.index[c:c + h] for s, c in zip(series, cuts)],
+            ))
+
+        names = [BASELINE] + [c for c in self.candidates if c != BASELINE]
+        report: list[dict[str, Any]] = []
+        scored: dict[str, tuple[dict[str, float], np.ndarray]] = {}
+        with Progress(disable=not self.progress, transient=False) as bar:
+            task = bar.add_task("forecast", total=len(names) * folds + 1)
+            for name in names:
+                started = time.monotonic()
+                pred = np.empty((n, folds, h))
+                done = 0
+                try:
+                    for k, batch in enumerate(fold_batches):
+                        bar.update(task, description=f"{name} fold {k + 1}/{folds} ({n} series)")
+                        pred[:, k] = self._engine(name).backtest(batch, h)
+                        bar.advance(task)
+                        done += 1
+                    bad = np.flatnonzero(~np.isfinite(pred).all(axis=(1, 2)))
+                    if len(bad):
+                        raise ValueError(f"non-finite forecasts for {len(bad)} series, e.g. {series[bad[0]].key!r}")
+                except Exception as err:  # a third-party model failing must not end the run: it is reported
+                    report.append({"name": name, "error": f"{type(err).__name__}: {err}"})
+                    bar.advance(task, folds - done)
+                    continue
+                metrics, resid = _score(pred, actual, scale, self.quantiles)
+                scored[name] = (metrics, resid)
+                report.append({"name": name, **metrics, "seconds": round(time.monotonic() - started, 3)})
+
+            choices = [c for c in self.candidates if c in scored]
+            if not choices:
+                errors = "; ".join(f"{r['name']}: {r['error']}" for r in report if "error" in r)
+                raise InvalidInput(f"every forecast candidate failed: {errors}")
+            best = min(choices, key=lambda c: (scored[c][0]["mase"], choices.index(c)))
+            bar.update(task, description=f"refit {best} on {n} series")
+            engine = self._engine(best)
+            engine.fit(_Batch(keys=[s.key for s in series], ys=[s.values for s in series],
+                              index=[s.index for s in series], future=[]))
+            bar.advance(task)
+
+        model = ForecastModel(
+            candidate=best, target=self.target, freq=self.freq, horizon=h, context=self.context,
+            season_length=self.season_length, max_gap=self.max_gap, quantiles=self.quantiles,
+            series_column=self.series_column, time_column=self.time_column, engine=engine,
+            residual_quantiles=_conformal(scored[best][1], self.quantiles),
+            scales={s.key: _mase_scale(s.values, self.season_length) for s in series},
+        )
+        lo, hi = min(self.quantiles), max(self.quantiles)
+        return TrainResult(
+            model=model,
+            task=self.name,
+            metrics=scored[best][0],
+            baseline_metrics=scored[BASELINE][0],
+            primary_metric="mase",
+            greater_is_better=False,
+            params={
+                "candidate": best, "target": self.target, "freq": self.freq, "horizon": h,
+                "context": self.context, "folds": folds, "season_length": self.season_length,
+                "max_gap": self.max_gap, "quantiles": list(self.quantiles), "candidates": list(self.candidates),
+                "series_column": self.series_column, "n_series": n,
+            },
+            features=engine.feature_names if best == "lightgbm" else [self.target],
+            input_example=frame[[self.series_column, self.time_column, self.target]].head(5).reset_index(drop=True),
+            artifacts={
+                "chosen": best,
+                "candidates": report,
+                "skipped_series": prepared.skipped,
+                "coverage_nominal": round(hi - lo, 6),
+                "intervals": f"conformal: backtest residuals scaled by the series' MASE scale, quantiles per horizon "
+                             f"step; coverage of [q{lo:g}, q{hi:g}] measured leaving each fold out",
+                "gaps": {"filled_points": int(prepared.filled_points), "restarted_series": prepared.restarted_series,
+                         "max_gap": self.max_gap},
+                "backtest": {"folds": folds, "horizon": h, "series": n,
+                             "scored_points": int(np.sum(~np.isnan(actual)))},
+            },
+        )
