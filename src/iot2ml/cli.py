@@ -435,6 +435,7 @@ def labels_import(
     entity_column: Annotated[str, typer.Option(help="Column with the entity key, e.g. batch_id.")],
     label_column: Annotated[str, typer.Option(help="Column with the label, e.g. quality.")],
     table: Annotated[Optional[str], typer.Option(help="Check entities exist in this table.")] = None,
+    time_column: Annotated[Optional[str], typer.Option(help="Column with the time of each label (else now).")] = None,
     source: Annotated[str, typer.Option(help="Where the labels come from (taster, user, ...).")] = "import",
     who: Annotated[str, typer.Option(help="Who gave them.")] = os.environ.get("USER", "unknown"),
     data_dir: DataDir = None,
@@ -443,9 +444,10 @@ def labels_import(
     from .ml.labels import read_labels_csv
 
     bench = _workbench(data_dir)
-    rows = _run(read_labels_csv, path, entity_column=entity_column, label_column=label_column)
+    rows = _run(read_labels_csv, path, entity_column=entity_column, label_column=label_column,
+                time_column=time_column)
     n = _run(bench.import_labels, rows, entity_column=entity_column, label_column=label_column, table=table,
-             source=source, who=who)
+             source=source, who=who, time_column=time_column)
     console.print(f"imported {n} labels")
 
 

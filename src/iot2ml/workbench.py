@@ -49,12 +49,13 @@ class Workbench:
         return self.registry.list_models()
 
     def import_labels(self, rows: list[dict], *, entity_column: str, label_column: str, table: str | None,
-                      source: str, who: str) -> int:
+                      source: str, who: str, time_column: str | None = None) -> int:
         from .ml.labels import append_labels, known_entities, validate_labels
 
         known = known_entities(self.lake, table, entity_column) if table else None
         validated = validate_labels(rows, entity_column=entity_column, label_column=label_column,
-                                    allowed_labels=None, known_entities=known, source=source, who=who)
+                                    allowed_labels=None, known_entities=known, source=source, who=who,
+                                    time_column=time_column)
         append_labels(self.lake, validated)
         return validated.num_rows
 
