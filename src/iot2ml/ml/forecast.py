@@ -305,6 +305,7 @@ class _LightGBM:
 
     name = "lightgbm"
     anchor_mode = "mean"
+    extra: dict = {}
 
     def __init__(self, season: int, context: int, freq: str, n_threads: int) -> None:
         self.season = season
@@ -332,34 +333,49 @@ class _LightGBM:
             anchor = hist[:, width - m:].mean(axis=1)
         return anchor, (hist[:, [width - k for k in self.lags]] - anchor[:, None]) / scale[:, None]
 
+    direct = True
+    horizon = 24
+
     def fit(self, batch: _Batch) -> None:
         from lightgbm import LGBMRegressor
 
         width = max(self.lags)
-        per_series = max(4 * width, MAX_LGB_ROWS // max(1, len(batch.ys)))
+        H = self.horizon if self.direct else 1
         xs, ts = [], []
         self.scales = {}
+        total = sum(max(0, len(y) - width - H + 1) for y in batch.ys) * H
+        stride = max(1, math.ceil(total / MAX_LGB_ROWS))
         for key, y, index in zip(batch.keys, batch.ys, batch.index):
             s = self.scales[key] = self._scale(y)
-            if len(y) <= width:
+            if len(y) < width + H:
                 continue
-            windows = np.lib.stride_tricks.sliding_window_view(y, width + 1)[-per_series:]
-            anchor, lags = self._rows(windows[:, :-1], np.full(len(windows), s))
-            xs.append(np.hstack([lags, _calendar(index[-len(windows):], self.calendar)]))
-            ts.append((windows[:, -1] - anchor) / s)
+            windows = np.lib.stride_tricks.sliding_window_view(y, width + H)[::-1][::stride][::-1]
+            origins = np.arange(len(y) - width - H + 1)[::-1][::stride][::-1] + width  # first target position
+            anchor, lags = self._rows(windows[:, :width], np.full(len(windows), s))
+            for j in range(H):
+                cal = _calendar(index[origins + j], self.calendar)
+                cols = [lags, cal] + ([np.full((len(windows), 1), j + 1.0)] if self.direct else [])
+                xs.append(np.hstack(cols))
+                ts.append((windows[:, width + j] - anchor) / s)
         if not xs:
             raise InvalidInput(f"no series is longer than {width} points: lightgbm has nothing to learn from")
-        self.booster = LGBMRegressor(
+        self.booster = LGBMRegressor(**{**dict(
             n_estimators=300, learning_rate=0.05, num_leaves=31, min_child_samples=20, subsample=0.8,
-            subsample_freq=1, colsample_bytree=0.8, random_state=0, n_jobs=self.n_threads, verbose=-1,
-        ).fit(np.vstack(xs), np.concatenate(ts), feature_name=self.feature_names).booster_
+            subsample_freq=1, colsample_bytree=0.8, random_state=0, n_jobs=self.n_threads, verbose=-1), **self.extra}
+        ).fit(np.vstack(xs), np.concatenate(ts)).booster_
 
     def forecast(self, batch: _Batch, h: int) -> np.ndarray:
         width = max(self.lags)
-        buf = np.empty((len(batch.ys), width + h))
-        buf[:, :width] = np.stack([y[-width:] for y in batch.ys])
         scale = np.array([self.scales.get(k) or self._scale(y) for k, y in zip(batch.keys, batch.ys)])
         cal = np.stack([_calendar(f[:h], self.calendar) for f in batch.future])  # (series, h, features)
+        if self.direct:
+            anchor, lags = self._rows(np.stack([y[-width:] for y in batch.ys]), scale)
+            out = np.empty((len(batch.ys), h))
+            for j in range(h):
+                out[:, j] = anchor + self.booster.predict(np.hstack([lags, cal[:, j, :], np.full((len(lags), 1), j + 1.0)])) * scale
+            return out
+        buf = np.empty((len(batch.ys), width + h))
+        buf[:, :width] = np.stack([y[-width:] for y in batch.ys])
         for j in range(h):
             anchor, lags = self._rows(buf[:, j:width + j], scale)
             buf[:, width + j] = anchor + self.booster.predict(np.hstack([lags, cal[:, j, :]])) * scale

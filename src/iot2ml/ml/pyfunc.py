@@ -14,7 +14,7 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         self.model = model
         self.task = task
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:  # noqa: ARG002
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201, ARG002 - no hints: MLflow reads them
         return self.model.predict(utc_aware(model_input))
 
 
