@@ -58,12 +58,15 @@ def test_exactly_once_through_sigkills(settings, make_broker, tmp_path):
     log_path = tmp_path / "ingest.log"
     proc = start_ingest(settings, log_path)
     publish_done = threading.Event()
+    three_kills = threading.Event()
     errors: list[BaseException] = []
 
     def publish() -> None:
         try:
             base = 1_763_780_000.0
-            for dev, token in tokens.items():
+            for d, (dev, token) in enumerate(tokens.items()):
+                if d == DEVICES - 1:  # hold the last device's messages until the ingest died 3 times
+                    assert three_kills.wait(180), "the ingest was not killed 3 times"
                 for start in range(0, PER_DEVICE, 1_000):
                     payloads = [
                         orjson.dumps({"ts": base + i, "msg_id": f"{dev}-{i}", "n": i, "pressure": i * 0.5})
@@ -92,13 +95,21 @@ def test_exactly_once_through_sigkills(settings, make_broker, tmp_path):
     lake = Lake(settings.lake)
     seen_at_kill = []
     while not publish_done.is_set() or kills < 3:
-        time.sleep(rng.uniform(0.5, 1.5))
+        # Kill only after the ingest committed something since its last start, then at a random moment.
+        before = count(lake, "raw") if "raw" in lake.tables() else 0
+        deadline = time.monotonic() + 60
+        while count(lake, "raw") <= before and not publish_done.is_set() and time.monotonic() < deadline:
+            lake.forget("raw")
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.8))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         kills += 1
         lake.forget("raw")
         seen_at_kill.append(count(lake, "raw"))
         proc = start_ingest(settings, log_path)
+        if kills >= 3:
+            three_kills.set()
     publisher.join(60)
     assert not errors, errors
 
