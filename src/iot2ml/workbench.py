@@ -30,7 +30,13 @@ class Workbench:
     def read(self, sql: str) -> Any:
         from .query import query_arrow
 
-        return query_arrow(self.lake, sql, timeout=max(self.settings.query_timeout, 600)).to_pandas()
+        import pandas as pd
+
+        frame = query_arrow(self.lake, sql, timeout=max(self.settings.query_timeout, 600)).to_pandas()
+        for col in frame.columns:  # one spelling of UTC ("Etc/UTC" and "UTC" do not concatenate)
+            if isinstance(frame[col].dtype, pd.DatetimeTZDtype):
+                frame[col] = frame[col].dt.tz_convert("UTC")
+        return frame
 
     def columns(self, table: str) -> list[str]:
         schema = self.lake.schema(table)

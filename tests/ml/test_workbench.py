@@ -93,3 +93,30 @@ def test_scheduler_retrains_and_records_failures(bench, settings):
     assert any(m["name"] == "wine-q" and "champion" in m["aliases"] for m in bench.models())
     failed = schedules.runs("broken")
     assert failed[0]["status"] == "failed" and failed[0]["duration_s"] is not None
+
+
+def test_forecast_train_and_predict_future_steps(bench):
+    rng = np.random.default_rng(5)
+    hours = pd.date_range("2026-11-01", periods=24 * 12, freq="h", tz="UTC")
+    frames = []
+    for d in range(3):
+        t = np.arange(len(hours))
+        ozone = 40 + 15 * np.sin(2 * np.pi * (t % 24) / 24) + 0.05 * t + rng.normal(0, 2, len(t))
+        frames.append(pd.DataFrame({"device_id": f"station-{d}", "ts": hours + pd.Timedelta(minutes=7 * d),
+                                    "ozone": ozone}))
+    write(bench.lake, "pollution", pd.concat(frames, ignore_index=True), 1)
+    described = bench.train(TrainJob(task="forecast", table="pollution", name="ozone-24h",
+                                     options={"target": "ozone", "freq": "1h", "horizon": 24, "n_jobs": 1,
+                                              "candidates": "seasonal_naive,lightgbm"}))
+    assert described["task"] == "forecast"
+    assert described["metrics"]["mase"] < described["baseline_metrics"]["mase"]
+    out = bench.predict("ozone-24h", table="pollution")
+    assert out["rows"] == 3 * 24
+    from iot2ml.query import run_query
+
+    rows = run_query(bench.lake, "SELECT device_id, min(ts), max(ts), count(*), min(prediction) "
+                                 "FROM predictions GROUP BY 1 ORDER BY 1").rows
+    assert [r[0] for r in rows] == ["station-0", "station-1", "station-2"]
+    assert all(r[3] == 24 and r[1] > "2026-11-12T23" for r in rows)  # the next 24 hours, in the future
+    scores = run_query(bench.lake, "SELECT scores FROM predictions LIMIT 1").rows[0][0]
+    assert set(__import__("json").loads(scores)) == {"q0.1", "q0.5", "q0.9"}

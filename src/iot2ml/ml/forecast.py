@@ -19,10 +19,12 @@ How ``ForecastTask.fit`` works:
 - **Candidates.** ``seasonal_naive`` (also the baseline, always run); ``auto_ets`` and
   ``auto_arima`` from statsforecast, one model per series, parallel over series in ``n_jobs``
   processes (AutoARIMA searches a reduced space, p, q <= 2 and P, Q <= 1 with the approximate
-  stepwise search: the full search takes ~20 s per hourly series, this one ~0.5 s); ``lightgbm``: ONE global model over all series, trained on scaled first
-  differences (``(y[t] - y[t-1]) / s``, ``s`` = the series' mean absolute difference) with features
-  ``lag<k> = (y[t-k] - y[t-1]) / s`` for k = 2..season+1 and 2*season (capped at ``context``) and
-  calendar features (``hour``, ``dayofweek`` in UTC), forecast recursively. The best backtest
+  stepwise search: the full search takes ~20 s per hourly series, this one ~0.5 s); ``lightgbm``:
+  ONE global model over all series, our own recursive implementation, trained with the L1 loss on
+  scaled first differences ``(y[t] - y[t-1]) / s`` (``s`` = the series' MASE scale) with features
+  ``lag<k> = (y[t-k] - y[t-1]) / s`` for k = 2..season+1 and 2*season (as far as ``context``
+  reaches) and UTC calendar features (``hour``; ``dayofweek`` once the data span
+  ``WEEKS_FOR_WEEKDAY`` weeks: with fewer, it memorises one-off events). The best backtest
   MASE wins (ties go to the earlier candidate); a candidate that fails is listed with its error.
 - **Quantiles** are conformal, the same way for every candidate: the backtest residuals, divided
   by the series' MASE scale, give per horizon step the empirical quantiles (neighbouring steps are
@@ -33,10 +35,12 @@ How ``ForecastTask.fit`` works:
 
 ``ForecastModel.predict(frame)`` takes recent history in the training input's shape (series, ts,
 target; raw readings, resampled and gap-filled as above) and returns, per series, the next
-``horizon`` steps after its last bin. Each series needs at least ``context`` resampled points;
-shorter ones are left out and listed in ``out.attrs["skipped_series"]``. Seasonal naive and LightGBM
-use the last ``context`` points; AutoETS/AutoARIMA apply the parameters fitted in training to all the
-history given (a series unseen in training gets a fresh fit on its history).
+``horizon`` steps after its last bin. The model keeps each training series' points (the last
+``context`` of them; all for AutoETS/AutoARIMA, whose fitted parameters are applied to the whole
+history by statsforecast's ``forward``) and puts them before the frame's first reading, so a frame
+may hold just the newest readings. A series unseen in training needs ``context`` resampled points
+(AutoETS/AutoARIMA are then fitted on them afresh); shorter ones are left out and listed in
+``out.attrs["skipped_series"]``. Seasonal naive and LightGBM use the last ``context`` points.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ CANDIDATES = ("seasonal_naive", "auto_ets", "auto_arima", "lightgbm")
 BASELINE = "seasonal_naive"
 MIN_RESIDUALS = 50
 """Scaled residuals wanted per horizon step for a conformal quantile; neighbouring steps are pooled."""
+WEEKS_FOR_WEEKDAY = 8
+"""LightGBM gets a ``dayofweek`` feature only when the longest series spans this many weeks."""
 MAX_LGB_ROWS = 2_000_000
 """Training rows for the global LightGBM model; beyond it each series keeps its most recent rows."""
 
@@ -115,7 +121,8 @@ def _check_frame(frame: pd.DataFrame, columns: Sequence[str]) -> None:
         raise InvalidInput(f"column {columns[1]!r} must hold timezone-aware timestamps (UTC), not {ts.dtype}: "
                            "read it from the lake or convert with pd.to_datetime(..., utc=True)")
     if not (pd.api.types.is_numeric_dtype(frame[columns[2]]) or frame[columns[2]].dtype == object):
-        raise InvalidInput(f"target {columns[2]!r} is not numeric (dtype {frame[columns[2]].dtype}): choose a numeric column")
+        raise InvalidInput(f"target {columns[2]!r} is not numeric (dtype {frame[columns[2]].dtype}): "
+                           "choose a numeric column")
 
 
 def _fill(values: np.ndarray, season: int, max_gap: int) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -172,7 +179,8 @@ def _prepare(frame: pd.DataFrame, *, series_column: str, time_column: str, targe
         if len(values) < min_length:
             why = f"{len(values)} points at {freq}"
             if start:
-                why += f" after a gap longer than {max_gap} steps (ending {index[start]:%Y-%m-%dT%H:%MZ}; earlier points dropped)"
+                why += (f" after a gap longer than {max_gap} steps (ending {index[start]:%Y-%m-%dT%H:%MZ}; "
+                        "earlier points dropped)")
             out.skipped.append({"series": str(key), "reason": f"{why}; {need}"})
             continue
         out.series.append(_Series(key, index[start:], values, observed))
@@ -279,38 +287,44 @@ class _StatsModel:
 
 
 def _lgb_lags(season: int, context: int) -> list[int]:
-    base = set(range(1, season + 2)) if season > 1 else {1, 2, 3, 4}
+    """Lags 2..season+1 and 2*season (2..5 without a season), as far back as ``context`` reaches."""
+    base = set(range(2, season + 2)) if season > 1 else {2, 3, 4, 5}
     base.add(2 * season)
     return sorted(k for k in base if k <= context)
 
 
-def _calendar_names(freq: str) -> list[str]:
+def _calendar_names(freq: str, span: pd.Timedelta) -> list[str]:
+    """``hour`` below daily steps; ``dayofweek`` at daily steps or below once ``WEEKS_FOR_WEEKDAY`` are seen."""
     offset = pd.tseries.frequencies.to_offset(freq)
-    if isinstance(offset, pd.offsets.Tick):
-        step = pd.Timedelta(offset)
-        if step < pd.Timedelta(days=1):
-            return ["hour", "dayofweek"]
-        if step == pd.Timedelta(days=1):
-            return ["dayofweek"]
-    return ["month"]
+    if not isinstance(offset, pd.offsets.Tick) or pd.Timedelta(offset) > pd.Timedelta(days=1):
+        return ["month"] if isinstance(offset, pd.offsets.MonthBegin | pd.offsets.MonthEnd | pd.offsets.Week) else []
+    names = ["hour"] if pd.Timedelta(offset) < pd.Timedelta(days=1) else []
+    if span >= pd.Timedelta(weeks=WEEKS_FOR_WEEKDAY):
+        names.append("dayofweek")
+    return names
 
 
 def _calendar(index: pd.DatetimeIndex, names: list[str]) -> np.ndarray:
-    return np.column_stack([np.asarray(getattr(index, n), dtype=float) for n in names]) if names \
-        else np.empty((len(index), 0))
+    if not names:
+        return np.empty((len(index), 0))
+    return np.column_stack([np.asarray(getattr(index, n), dtype=float) for n in names])
 
 
 class _LightGBM:
-    """One global LightGBM model over all series, on values relative to a local level; recursive forecasts."""
+    """One global LightGBM model over all series on scaled first differences; recursive forecasts.
+
+    Target ``(y[t] - y[t-1]) / s`` and features ``lag<k> = (y[t-k] - y[t-1]) / s`` with ``s`` the
+    series' MASE scale, so series of any level and spread share one model. The L1 objective
+    (the median step) keeps a few maintenance dips or spikes in the history from being learnt as
+    a pattern that the recursion would then amplify.
+    """
 
     name = "lightgbm"
-    anchor_mode = "mean"
-    extra: dict = {}
 
-    def __init__(self, season: int, context: int, freq: str, n_threads: int) -> None:
+    def __init__(self, season: int, context: int, calendar: list[str], n_threads: int) -> None:
         self.season = season
         self.lags = _lgb_lags(season, context)
-        self.calendar = _calendar_names(freq)
+        self.calendar = calendar
         self.n_threads = n_threads
         self.scales: dict[Any, float] = {}
         self.booster: Any = None
@@ -319,66 +333,42 @@ class _LightGBM:
     def feature_names(self) -> list[str]:
         return [f"lag{k}" for k in self.lags] + self.calendar
 
-    def _scale(self, y: np.ndarray) -> float:
-        return _mase_scale(y, self.season)
-
-    def _rows(self, hist: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``hist``: (rows, width) values before the target step -> (anchor, scaled lag features)."""
-        width, m = hist.shape[1], min(self.season, hist.shape[1])
-        if self.anchor_mode == "last":
-            anchor = hist[:, -1]
-        elif self.anchor_mode == "season":
-            anchor = hist[:, width - m]
-        else:
-            anchor = hist[:, width - m:].mean(axis=1)
-        return anchor, (hist[:, [width - k for k in self.lags]] - anchor[:, None]) / scale[:, None]
-
-    direct = True
-    horizon = 24
+    def _features(self, hist: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """``hist``: (rows, width) values before the target step -> scaled lag features."""
+        width = hist.shape[1]
+        return (hist[:, [width - k for k in self.lags]] - hist[:, -1:]) / scale[:, None]
 
     def fit(self, batch: _Batch) -> None:
         from lightgbm import LGBMRegressor
 
         width = max(self.lags)
-        H = self.horizon if self.direct else 1
+        per_series = max(4 * width, MAX_LGB_ROWS // max(1, len(batch.ys)))
         xs, ts = [], []
         self.scales = {}
-        total = sum(max(0, len(y) - width - H + 1) for y in batch.ys) * H
-        stride = max(1, math.ceil(total / MAX_LGB_ROWS))
         for key, y, index in zip(batch.keys, batch.ys, batch.index):
-            s = self.scales[key] = self._scale(y)
-            if len(y) < width + H:
+            s = self.scales[key] = _mase_scale(y, self.season)
+            if len(y) <= width:
                 continue
-            windows = np.lib.stride_tricks.sliding_window_view(y, width + H)[::-1][::stride][::-1]
-            origins = np.arange(len(y) - width - H + 1)[::-1][::stride][::-1] + width  # first target position
-            anchor, lags = self._rows(windows[:, :width], np.full(len(windows), s))
-            for j in range(H):
-                cal = _calendar(index[origins + j], self.calendar)
-                cols = [lags, cal] + ([np.full((len(windows), 1), j + 1.0)] if self.direct else [])
-                xs.append(np.hstack(cols))
-                ts.append((windows[:, width + j] - anchor) / s)
+            windows = np.lib.stride_tricks.sliding_window_view(y, width + 1)[-per_series:]
+            lags = self._features(windows[:, :-1], np.full(len(windows), s))
+            xs.append(np.hstack([lags, _calendar(index[-len(windows):], self.calendar)]))
+            ts.append((windows[:, -1] - windows[:, -2]) / s)
         if not xs:
             raise InvalidInput(f"no series is longer than {width} points: lightgbm has nothing to learn from")
-        self.booster = LGBMRegressor(**{**dict(
-            n_estimators=300, learning_rate=0.05, num_leaves=31, min_child_samples=20, subsample=0.8,
-            subsample_freq=1, colsample_bytree=0.8, random_state=0, n_jobs=self.n_threads, verbose=-1), **self.extra}
+        self.booster = LGBMRegressor(
+            objective="l1", n_estimators=300, learning_rate=0.05, num_leaves=15, min_child_samples=20,
+            subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=0, n_jobs=self.n_threads, verbose=-1,
         ).fit(np.vstack(xs), np.concatenate(ts)).booster_
 
     def forecast(self, batch: _Batch, h: int) -> np.ndarray:
         width = max(self.lags)
-        scale = np.array([self.scales.get(k) or self._scale(y) for k, y in zip(batch.keys, batch.ys)])
+        scale = np.array([self.scales.get(k) or _mase_scale(y, self.season) for k, y in zip(batch.keys, batch.ys)])
         cal = np.stack([_calendar(f[:h], self.calendar) for f in batch.future])  # (series, h, features)
-        if self.direct:
-            anchor, lags = self._rows(np.stack([y[-width:] for y in batch.ys]), scale)
-            out = np.empty((len(batch.ys), h))
-            for j in range(h):
-                out[:, j] = anchor + self.booster.predict(np.hstack([lags, cal[:, j, :], np.full((len(lags), 1), j + 1.0)])) * scale
-            return out
         buf = np.empty((len(batch.ys), width + h))
         buf[:, :width] = np.stack([y[-width:] for y in batch.ys])
         for j in range(h):
-            anchor, lags = self._rows(buf[:, j:width + j], scale)
-            buf[:, width + j] = anchor + self.booster.predict(np.hstack([lags, cal[:, j, :]])) * scale
+            lags = self._features(buf[:, j:width + j], scale)
+            buf[:, width + j] = buf[:, width + j - 1] + self.booster.predict(np.hstack([lags, cal[:, j, :]])) * scale
         return buf[:, width:]
 
     def backtest(self, batch: _Batch, h: int) -> np.ndarray:
@@ -453,6 +443,7 @@ class ForecastModel:
     engine: Any  # one of the candidate classes above, fitted
     residual_quantiles: np.ndarray  # (horizon, len(quantiles)), in units of the series' MASE scale
     scales: dict[Any, float] = field(default_factory=dict)
+    history: dict[Any, pd.Series] = field(default_factory=dict)  # training points per series, see _with_history
 
     @property
     def quantile_columns(self) -> list[str]:
@@ -462,24 +453,45 @@ class ForecastModel:
         """Columns ``[series_column, "ts", "mean", "q0.1", "q0.5", "q0.9"]``, ``horizon`` rows per series."""
         return self._predict(frame, self.horizon)
 
-    def predict_series(self, history: Mapping[Any, pd.Series] | pd.DataFrame, horizon: int | None = None) -> pd.DataFrame:
+    def predict_series(self, history: Mapping[Any, pd.Series] | pd.DataFrame,
+                       horizon: int | None = None) -> pd.DataFrame:
         """Like ``predict``, from ``{series id: Series indexed by UTC timestamps}`` or a frame, ``horizon`` steps."""
         h = self.horizon if horizon is None else int(horizon)
         if not 1 <= h <= self.horizon:
-            raise InvalidInput(f"horizon {horizon} is outside 1..{self.horizon}: the model was trained for {self.horizon} steps")
+            raise InvalidInput(f"horizon {horizon} is outside 1..{self.horizon}: "
+                               f"the model was trained for {self.horizon} steps")
         if isinstance(history, pd.DataFrame):
             return self._predict(history, h)
         parts = []
         for key, series in history.items():
             if not isinstance(series.index, pd.DatetimeIndex):
-                raise InvalidInput(f"history of series {key!r} must be indexed by timestamps, not {type(series.index).__name__}")
-            parts.append(pd.DataFrame({self.series_column: key, self.time_column: series.index, self.target: series.to_numpy()}))
+                raise InvalidInput(f"history of series {key!r} must be indexed by timestamps, "
+                                   f"not {type(series.index).__name__}")
+            parts.append(self._rows(key, series))
         if not parts:
             raise InvalidInput("history is empty: pass at least one series with its last points")
         return self._predict(pd.concat(parts, ignore_index=True), h)
 
+    def _rows(self, key: Any, series: pd.Series) -> pd.DataFrame:
+        return pd.DataFrame({self.series_column: key, self.time_column: series.index, self.target: series.to_numpy()})
+
+    def _with_history(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Prepend the stored training points of known series that end before the frame's first reading."""
+        _check_frame(frame, [self.series_column, self.time_column, self.target])
+        if not self.history or frame.empty:
+            return frame
+        step = pd.tseries.frequencies.to_offset(self.freq)
+        parts = [frame[[self.series_column, self.time_column, self.target]]]
+        for key, first in frame.groupby(self.series_column, sort=False)[self.time_column].min().items():
+            past = self.history.get(key)
+            if past is not None and not pd.isna(first):
+                past = past[past.index + step <= first]
+                parts.append(self._rows(key, past))
+        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else frame
+
     def _predict(self, frame: pd.DataFrame, h: int) -> pd.DataFrame:
         need = f"forecasting needs at least context={self.context} points"
+        frame = self._with_history(frame)
         prepared = _prepare(frame, series_column=self.series_column, time_column=self.time_column,
                             target=self.target, freq=self.freq, season=self.season_length,
                             max_gap=self.max_gap, min_length=self.context, need=need)
@@ -511,10 +523,13 @@ class ForecastModel:
 class ForecastTask:
     """Forecast ``target`` per series ``horizon`` steps ahead at ``freq``; see the module docstring.
 
-    ``context`` (default ``max(2 * horizon, 2 * season_length)``) is both the shortest training part
-    of the backtest and the history ``predict`` needs per series. ``max_gap`` (default one season)
-    is the longest run of empty bins that is filled; a longer gap restarts the series after it.
-    ``n_jobs`` is the process count for statsforecast and the thread count for LightGBM (-1: all CPUs).
+    ``context`` (default ``max(2 * horizon, 2 * season_length)``, at least the horizon and a season)
+    is both the shortest training part of the backtest and the history ``predict`` needs for a series
+    it has not seen. ``max_gap`` (default one season) is the longest run of empty bins that is
+    filled; a longer gap restarts the series after it. ``n_jobs`` is the process count for
+    statsforecast and the thread count for the one LightGBM model (-1: all CPUs), which is what
+    keeps thousands of series feasible. ``progress`` shows a rich progress bar over candidates and
+    folds. ``candidates`` and ``quantiles`` also take comma-separated strings.
     """
 
     name = "forecast"
@@ -552,9 +567,17 @@ class ForecastTask:
         if self.context < max(self.horizon, self.season_length, 2):
             raise ConfigError(f"context {context} is shorter than the horizon ({self.horizon}) or a season "
                               f"({self.season_length}): pass context >= {max(self.horizon, self.season_length, 2)}")
-        qs = tuple(float(q) for q in quantiles)
+        if isinstance(quantiles, str):  # from the CLI or a job file: "0.1,0.5,0.9"
+            quantiles = [q for q in quantiles.split(",") if q.strip()]
+        if isinstance(candidates, str):
+            candidates = [c.strip() for c in candidates.split(",") if c.strip()]
+        try:
+            qs = tuple(float(q) for q in quantiles)
+        except ValueError:
+            raise ConfigError(f"quantiles {quantiles!r} must be numbers, e.g. 0.1,0.5,0.9") from None
         if len(qs) < 2 or not all(0 < q < 1 for q in qs) or len(set(qs)) != len(qs):
-            raise ConfigError(f"quantiles {list(quantiles)} must be at least two distinct values in (0, 1), e.g. 0.1,0.5,0.9")
+            raise ConfigError(f"quantiles {list(quantiles)} must be at least two distinct values in (0, 1), "
+                              "e.g. 0.1,0.5,0.9")
         self.quantiles = tuple(sorted(qs))
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
@@ -565,12 +588,12 @@ class ForecastTask:
         self.n_jobs = int(n_jobs)
         self.progress = progress
 
-    def _engine(self, name: str) -> Any:
+    def _engine(self, name: str, calendar: list[str]) -> Any:
         if name == "seasonal_naive":
             return _SeasonalNaive(self.season_length)
         if name == "lightgbm":
             threads = self.n_jobs if self.n_jobs > 0 else (os.cpu_count() or 1)
-            return _LightGBM(self.season_length, self.context, self.freq, threads)
+            return _LightGBM(self.season_length, self.context, calendar, threads)
         return _StatsModel(name, self.season_length, self.n_jobs)
 
     def fit(self, frame: pd.DataFrame) -> TrainResult:
@@ -590,6 +613,7 @@ class ForecastTask:
                                "Collect more history or lower horizon, folds or context")
 
         n = len(series)
+        calendar = _calendar_names(self.freq, max(s.index[-1] - s.index[0] for s in series))
         actual = np.full((n, folds, h), np.nan)
         scale = np.empty((n, folds))
         fold_batches = []
@@ -599,8 +623,10 @@ class ForecastTask:
                 actual[i, k] = np.where(s.observed[c:c + h], s.values[c:c + h], np.nan)
                 scale[i, k] = _mase_scale(s.values[:c], self.season_length)
             fold_batches.append(_Batch(
-                keys=[s.key for s in series], ys=[s.values[:c] for s, c in zip(series, cuts)],
-                index=[s.index[:c] for s, c in zip(series, cuts)], future=[s.index[c:c + h] for s, c in zip(series, cuts)],
+                keys=[s.key for s in series],
+                ys=[s.values[:c] for s, c in zip(series, cuts)],
+                index=[s.index[:c] for s, c in zip(series, cuts)],
+                future=[s.index[c:c + h] for s, c in zip(series, cuts)],
             ))
 
         names = [BASELINE] + [c for c in self.candidates if c != BASELINE]
@@ -615,7 +641,7 @@ class ForecastTask:
                 try:
                     for k, batch in enumerate(fold_batches):
                         bar.update(task, description=f"{name} fold {k + 1}/{folds} ({n} series)")
-                        pred[:, k] = self._engine(name).backtest(batch, h)
+                        pred[:, k] = self._engine(name, calendar).backtest(batch, h)
                         bar.advance(task)
                         done += 1
                     bad = np.flatnonzero(~np.isfinite(pred).all(axis=(1, 2)))
@@ -635,17 +661,19 @@ class ForecastTask:
                 raise InvalidInput(f"every forecast candidate failed: {errors}")
             best = min(choices, key=lambda c: (scored[c][0]["mase"], choices.index(c)))
             bar.update(task, description=f"refit {best} on {n} series")
-            engine = self._engine(best)
+            engine = self._engine(best, calendar)
             engine.fit(_Batch(keys=[s.key for s in series], ys=[s.values for s in series],
                               index=[s.index for s in series], future=[]))
             bar.advance(task)
 
+        keep = max(len(s.values) for s in series) if best.startswith("auto_") else self.context
         model = ForecastModel(
             candidate=best, target=self.target, freq=self.freq, horizon=h, context=self.context,
             season_length=self.season_length, max_gap=self.max_gap, quantiles=self.quantiles,
             series_column=self.series_column, time_column=self.time_column, engine=engine,
             residual_quantiles=_conformal(scored[best][1], self.quantiles),
             scales={s.key: _mase_scale(s.values, self.season_length) for s in series},
+            history={s.key: pd.Series(s.values[-keep:], index=s.index[-keep:]) for s in series},
         )
         lo, hi = min(self.quantiles), max(self.quantiles)
         return TrainResult(
