@@ -120,3 +120,38 @@ def test_forecast_train_and_predict_future_steps(bench):
     assert all(r[3] == 24 and r[1] > "2026-11-12T23" for r in rows)  # the next 24 hours, in the future
     scores = run_query(bench.lake, "SELECT scores FROM predictions LIMIT 1").rows[0][0]
     assert set(__import__("json").loads(scores)) == {"q0.1", "q0.5", "q0.9"}
+
+
+def test_a_new_version_is_compared_with_the_champion_on_its_own_data(bench):
+    frame, labels = wine(240, seed=7)
+    write(bench.lake, "wine", frame, 1)
+    bench.import_labels(labels, entity_column="batch_id", label_column="quality", table=None, source="t", who="x")
+    job = TrainJob(task="classify", table="wine", name="wq", options={"label": "quality", "entity": "batch_id"})
+    first = bench.train(job)
+    second = bench.train(job)
+    assert first["aliases"] == ["challenger", "champion"] or "champion" in first["aliases"]
+    # Cross-validated tasks have no holdout the champion has not seen: the logged scores are compared.
+    assert second["compared_by"] == "logged score of its own holdout"
+    assert "champion v1" in second["promotion"]
+
+
+def test_anomaly_champion_is_rescored_on_the_new_holdout(bench):
+    rng = np.random.default_rng(3)
+    n = 600
+    frames = []
+    for d in range(3):
+        blocked = np.zeros(n, dtype=bool)
+        for start in rng.choice(np.arange(50, n - 40), 4, replace=False):
+            blocked[start:start + 15] = True
+        frames.append(pd.DataFrame({
+            "device_id": f"p{d}", "ts": pd.date_range("2026-11-01", periods=n, freq="min", tz="UTC"),
+            "pressure": 3 + rng.normal(0, 0.1, n) + blocked * 1.5, "flow": 12 + rng.normal(0, 0.3, n) - blocked * 5,
+            "blocked": blocked.astype(int),
+        }))
+    write(bench.lake, "pump", pd.concat(frames, ignore_index=True), 1)
+    job = TrainJob(task="anomaly", table="pump", name="pb",
+                   options={"features": ["pressure", "flow"], "label": "blocked"})
+    bench.train(job)
+    second = bench.train(job)
+    assert second["compared_by"] == "rescored on this holdout"
+    assert "champion v1 event_f1=" in second["promotion"]

@@ -250,6 +250,21 @@ class AnomalyTask:
         self.features, self.label, self.contamination = list(features), label, contamination
         self.entity, self.seed = entity, seed
 
+    def _holdout(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+        """Rows sorted by device and time, and the mask of each device's last ``HOLDOUT`` share."""
+        data = frame[frame[self.entity].notna()].sort_values([self.entity, "ts"], kind="stable")
+        position = data.groupby(self.entity, sort=False).cumcount().to_numpy()
+        size = data.groupby(self.entity, sort=False)[self.entity].transform("size").to_numpy()
+        return data, position >= np.ceil((1.0 - HOLDOUT) * size)
+
+    def evaluate(self, model: AnomalyModel, frame: pd.DataFrame) -> dict[str, float]:
+        """Score another model (e.g. the champion) on this task's holdout of ``frame``."""
+        data, holdout = self._holdout(frame)
+        test = data[holdout]
+        truth = _truth(test[self.label], self.label) if self.label else None
+        flags = model.predict(test)["is_anomaly"].to_numpy()
+        return evaluate_flags(flags, truth, test[self.entity].to_numpy())
+
     def fit(self, frame: pd.DataFrame) -> TrainResult:
         needed = [self.entity, "ts", *self.features] + ([self.label] if self.label else [])
         _missing(frame, needed, "anomaly input")

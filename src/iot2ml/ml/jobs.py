@@ -125,10 +125,7 @@ def run_training(
         data_versions[LABELS] = version(LABELS)
     task = make_task(job.task, job.options)
     result: TrainResult = task.fit(frame)
-    rescore = None
-    holdout = result.artifacts.get("holdout")
-    if holdout is not None and hasattr(task, "evaluate"):
-        rescore = lambda model: task.evaluate(model, holdout)  # noqa: E731
+    rescore = (lambda model: task.evaluate(model, frame)) if hasattr(task, "evaluate") else None
     described = registry.log_training(
         job.name, result, data_versions=data_versions,
         params={"table": job.table, "where": job.where or "", **job.options, "rows": len(frame),

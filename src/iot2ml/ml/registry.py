@@ -181,6 +181,7 @@ class Registry:
             "data_versions": json.loads(run.data.tags.get("iot2ml.data_versions", "{}")),
             "primary_metric": run.data.tags.get("iot2ml.primary_metric"),
             "promotion": run.data.tags.get("iot2ml.promotion.reason"),
+            "compared_by": run.data.tags.get("iot2ml.promotion.compared_by"),
             "run_id": mv.run_id,
         }
 
