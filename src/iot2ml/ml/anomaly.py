@@ -40,6 +40,7 @@ from sklearn.ensemble import IsolationForest
 from iot2ml.core.errors import InvalidInput
 
 from .base import TrainResult
+from .base import require_columns as _missing
 
 __all__ = ["AnomalyModel", "AnomalyTask", "OnlineAnomalyScorer"]
 
@@ -58,12 +59,6 @@ THRESHOLD_CANDIDATES = 200
 """Score quantiles tried when the threshold is tuned on labels."""
 
 
-def _missing(frame: pd.DataFrame, columns: list[str], what: str) -> None:
-    absent = [c for c in columns if c not in frame.columns]
-    if absent:
-        have = ", ".join(map(str, frame.columns[:20])) + (", ..." if len(frame.columns) > 20 else "")
-        raise InvalidInput(f"{what} column(s) {', '.join(map(repr, absent))} missing from the frame "
-                           f"(it has {have}): add them or choose other columns")
 
 
 def _values(frame: pd.DataFrame, features: list[str]) -> np.ndarray:

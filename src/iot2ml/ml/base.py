@@ -13,6 +13,17 @@ from typing import Any, Protocol
 import pandas as pd
 
 
+def require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None:
+    """Raise ``InvalidInput`` naming the ``what`` columns missing from ``frame`` and those it has."""
+    from ..core.errors import InvalidInput
+
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        have = ", ".join(map(str, frame.columns[:20])) + (", ..." if len(frame.columns) > 20 else "")
+        raise InvalidInput(f"{what} column(s) {', '.join(map(repr, absent))} missing from the frame "
+                           f"(it has {have}): add them or choose other columns")
+
+
 class FittedModel(Protocol):
     """A trained model. It must pickle (cloudpickle) and predict from a DataFrame of raw columns."""
 

@@ -35,6 +35,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 from iot2ml.core.errors import InvalidInput
 
 from .base import TrainResult
+from .base import require_columns as _missing
 
 __all__ = ["ClassifyTask", "RegressTask", "TabularModel"]
 
@@ -62,12 +63,6 @@ def _codes(series: pd.Series, categories: list[str]) -> np.ndarray:
     return codes
 
 
-def _missing(frame: pd.DataFrame, columns: list[str], what: str) -> None:
-    absent = [c for c in columns if c not in frame.columns]
-    if absent:
-        have = ", ".join(map(str, frame.columns[:20])) + (", ..." if len(frame.columns) > 20 else "")
-        raise InvalidInput(f"{what} column(s) {', '.join(map(repr, absent))} missing from the frame "
-                           f"(it has {have}): add them or choose other columns")
 
 
 @dataclass
