@@ -21,6 +21,11 @@ def test_module_exports():
     assert sorted(auth.__all__) == ["Guard", "Principal"]
     assert api.__all__ == ["create_app"]
     assert {"run_simulation", "get_scenario", "SCENARIOS"} <= set(simulate.__all__)
+    from iot2ml import ml
+
+    assert ml.__all__ == ["AnomalyTask", "ClassifyTask", "ForecastTask", "OnlineAnomalyScorer", "Registry",
+                          "RegressTask", "TrainJob", "TrainResult"]
+    assert all(getattr(ml, name).__name__ == name for name in ml.__all__)
 
 
 def test_import_is_cheap_and_keeps_heavy_drivers_out():
