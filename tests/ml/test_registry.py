@@ -62,3 +62,11 @@ def test_mlflow_is_not_imported_by_the_ingest_path():
             "print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_tracking_and_registry_on_postgresql(postgres_url, tmp_path):
+    pg = Registry(tracking_uri_for(tmp_path, postgres_url), artifact_root=str(tmp_path / "artifacts"))
+    described = pg.log_training("pg-scale", result(2.0, 1.0), data_versions={"pump": 1})
+    assert described["version"] == 1 and "champion" in described["aliases"]
+    assert [m["name"] for m in pg.list_models()] == ["pg-scale"]
+    assert pg.load("pg-scale").predict(pd.DataFrame({"x": [1.5]}))["prediction"].tolist() == [3.0]

@@ -28,7 +28,12 @@ CHALLENGER = "challenger"
 
 
 def tracking_uri_for(data_dir: Path, configured: str | None = None) -> str:
-    return configured or f"sqlite:///{(Path(data_dir) / 'mlflow.db').absolute()}"
+    """The configured tracking URI (``postgresql://`` goes through psycopg 3), else sqlite in the data dir."""
+    if configured:
+        from ..core.catalog import normalise_url
+
+        return normalise_url(configured)
+    return f"sqlite:///{(Path(data_dir) / 'mlflow.db').absolute()}"
 
 
 class Registry:
