@@ -388,6 +388,7 @@ def train(
     horizon: Annotated[Optional[int], typer.Option(help="forecast: steps ahead.")] = None,
     label: Annotated[Optional[str], typer.Option(help="classify/regress/anomaly: label column (or labels table).")] = None,
     entity: Annotated[Optional[str], typer.Option(help="Entity key, e.g. batch_id (labels join on it).")] = None,
+    label_window: Annotated[Optional[str], typer.Option(help="Join each reading to its entity's latest label at most this old (30m, 1h).")] = None,
     features: Annotated[Optional[str], typer.Option(help="Comma-separated feature columns.")] = None,
     where: Annotated[Optional[str], typer.Option(help="SQL filter on the table.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A job TOML file instead of options.")] = None,
@@ -409,6 +410,10 @@ def train(
                 options[key] = value
         if features:
             options["features"] = [f.strip() for f in features.split(",") if f.strip()]
+        if label_window:
+            from .scheduler import parse_duration
+
+            options["label_window"] = _run(parse_duration, label_window)
         if task == "forecast":
             options.setdefault("progress", not as_json)
         job = _run(TrainJob, task=task, table=table, name=name, options=options, where=where)

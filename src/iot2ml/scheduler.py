@@ -63,6 +63,8 @@ def parse_train_args(text: str, *, default_name: str) -> dict[str, Any]:
             job["options"]["features"] = [f.strip() for f in value.split(",") if f.strip()]
         elif key == "horizon":
             job["options"][key] = int(value)
+        elif key == "label_window":
+            job["options"][key] = parse_duration(value)
         else:
             job["options"][key] = value
         i += 2

@@ -155,3 +155,34 @@ def test_anomaly_champion_is_rescored_on_the_new_holdout(bench):
     second = bench.train(job)
     assert second["compared_by"] == "rescored on this holdout"
     assert "champion v1 event_f1=" in second["promotion"]
+
+
+def test_labels_join_by_time_window(bench):
+    """Blockage events labelled on devices apply to the readings within the window after the label."""
+    n = 400
+    rng = np.random.default_rng(11)
+    ts = pd.date_range("2026-11-01", periods=n, freq="min", tz="UTC")
+    frames, labels = [], []
+    for d in range(3):
+        blocked = np.zeros(n, dtype=bool)
+        for start in (80 + 40 * d, 250 + 20 * d):
+            blocked[start:start + 10] = True
+            labels.append({"device_id": f"p{d}", "state": "1", "at": ts[start].isoformat()})
+            labels.append({"device_id": f"p{d}", "state": "0", "at": ts[start + 10].isoformat()})
+        frames.append(pd.DataFrame({"device_id": f"p{d}", "ts": ts,
+                                    "pressure": 3 + rng.normal(0, 0.1, n) + blocked * 1.5,
+                                    "flow": 12 + rng.normal(0, 0.3, n) - blocked * 5}))
+    write(bench.lake, "pump", pd.concat(frames, ignore_index=True), 1)
+    bench.import_labels(labels, entity_column="device_id", label_column="state", table="pump", source="ops",
+                        who="x", time_column="at")
+    job = TrainJob(task="anomaly", table="pump", name="pb-window",
+                   options={"features": ["pressure", "flow"], "label": "blocked", "label_window": 3600})
+    from iot2ml.ml.jobs import training_sql
+
+    frame = bench.read(training_sql(job, bench.lake.tables(), bench.columns("pump")))
+    p0 = frame[frame["device_id"] == "p0"].sort_values("ts")
+    assert p0["blocked"].iloc[:80].isna().all()  # before any label
+    assert (p0["blocked"].iloc[80:90] == True).all() and (p0["blocked"].iloc[90:150] == False).all()  # noqa: E712
+    assert p0["blocked"].iloc[151:250].isna().all()  # the "0" label is older than the hour window
+    described = bench.train(job)
+    assert described["metrics"]["event_f1"] > described["baseline_metrics"]["event_f1"]

@@ -95,7 +95,18 @@ def training_sql(job: TrainJob, tables: list[str], columns: list[str]) -> str:
         key = entity or "device_id"
         if key not in columns:
             raise InvalidInput(f"entity {key!r} is not a column of {job.table}: columns are {', '.join(columns)}")
-        value = "TRY_CAST(l.label AS DOUBLE)" if job.task == "regress" else "l.label"
+        value = {"regress": "TRY_CAST(l.label AS DOUBLE)", "anomaly": "TRY_CAST(l.label AS BOOLEAN)"}.get(
+            job.task, "l.label")
+        window = job.options.get("label_window")
+        if window is not None:
+            # Each reading takes the entity's latest label given at or before it, if that label is at
+            # most `label_window` seconds old (e.g. an event marked on a device for its duration).
+            seconds = float(window)
+            return (
+                f"SELECT t.*, CASE WHEN epoch(t.ts) - epoch(l.ts) <= {seconds} THEN {value} END AS {_quote(label)} "
+                f"FROM {_quote(job.table)} t ASOF LEFT JOIN (SELECT entity, ts, label FROM labels) l "
+                f"ON CAST(t.{_quote(key)} AS VARCHAR) = l.entity AND t.ts >= l.ts{where}"
+            )
         return (
             f"SELECT t.*, {value} AS {_quote(label)} FROM {_quote(job.table)} t JOIN ("
             f"SELECT entity, arg_max(label, ts) AS label FROM labels GROUP BY entity) l "
@@ -123,7 +134,7 @@ def run_training(
     data_versions = {job.table: version(job.table)}
     if LABELS in names and "JOIN" in sql:
         data_versions[LABELS] = version(LABELS)
-    task = make_task(job.task, job.options)
+    task = make_task(job.task, {k: v for k, v in job.options.items() if k != "label_window"})
     result: TrainResult = task.fit(frame)
     rescore = (lambda model: task.evaluate(model, frame)) if hasattr(task, "evaluate") else None
     described = registry.log_training(
