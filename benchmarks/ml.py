@@ -6,7 +6,9 @@ baseline on the same holdout. Prints one JSON line.
   anomaly   river's Statlog Shuttle (49,097 sensor readings, 7 % anomalies)    baseline: rolling z-score
   forecast  river's water-flow series (hourly)                                 baseline: seasonal naive
 
-    python benchmarks/ml.py [--skip forecast]
+  forecast_scale  1,000 synthetic hourly series x 21 days: fit time (seasonal naive + LightGBM)
+
+    python benchmarks/ml.py [--skip forecast] [--scale-series 1000]
 """
 
 from __future__ import annotations
@@ -89,11 +91,31 @@ def forecast() -> dict:
             "chosen": result.params.get("chosen") or result.params.get("candidate"), **_pick(result)}
 
 
+def forecast_scale(n_series: int) -> dict:
+    """Fit time for many synthetic hourly series (21 days each), statsforecast in parallel processes."""
+    from iot2ml.ml.forecast import ForecastTask
+
+    rng = np.random.default_rng(0)
+    hours = pd.date_range("2026-10-01", periods=24 * 21, freq="h", tz="UTC")
+    t = np.arange(len(hours))
+    frames = [pd.DataFrame({"device_id": f"s{i:05d}", "ts": hours,
+                            "y": 50 + 10 * np.sin(2 * np.pi * (t + i) / 24) + 0.02 * t + rng.normal(0, 2, len(t))})
+              for i in range(n_series)]
+    frame = pd.concat(frames, ignore_index=True)
+    started = time.perf_counter()
+    result = ForecastTask(target="y", candidates="seasonal_naive,lightgbm", n_jobs=-1).fit(frame)
+    return {"series": n_series, "rows": len(frame), "fit_seconds": round(time.perf_counter() - started, 1),
+            **_pick(result)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--scale-series", type=int, default=1000, help="series for the forecast scale run (0 = skip)")
     args = ap.parse_args()
     out: dict = {"bench": "ml"}
+    if args.scale_series:
+        out["forecast_scale"] = forecast_scale(args.scale_series)
     for name, fn in (("classify", classify), ("regress", regress), ("anomaly", anomaly), ("forecast", forecast)):
         if name in args.skip:
             continue
