@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -66,7 +65,7 @@ def up(
     data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
     host: Host = None, catalog_url: CatalogUrl = None, mqtt_url: MqttUrl = None,
 ) -> None:
-    """Start the embedded broker, the ingest and the API; Ctrl-C stops everything."""
+    """Start the embedded broker, the ingest, the API and the retraining scheduler; Ctrl-C stops everything."""
     settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, http_port=http_port,
                     host=host, catalog_url=catalog_url, mqtt_url=mqtt_url)
     from .supervisor import Platform
@@ -76,7 +75,7 @@ def up(
 
 
 def _start(platform: Any) -> None:
-    with console.status("starting broker, ingest and API..."):
+    with console.status("starting broker, ingest, API and scheduler..."):
         _run(platform.start)
     for note in platform.notes:
         console.print(f"[yellow]note:[/] {note}")

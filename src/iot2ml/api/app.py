@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from ..auth import Guard, Principal
 from ..core.catalog import Catalog
 from ..core.config import Settings
-from ..core.errors import AlreadyExists, AuthError, InvalidInput, Iot2mlError, NotFound, QueryError
+from ..core.errors import AlreadyExists, AuthError, Iot2mlError, NotFound, QueryError
 from ..core.ids import check_device_id
 from ..core.storage import DEAD_LETTERS, RAW
 from ..core.timeutil import now_us
@@ -255,5 +255,4 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
         nc = state.get("nc")
         return {"ok": True, "broker": bool(nc and nc.is_connected)}
 
-    _ = InvalidInput  # raised by modules, mapped to 400 by the handler above
     return app
