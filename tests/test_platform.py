@@ -202,3 +202,23 @@ def test_simulate_cli_sends_to_the_running_platform(platform):
             return res.returncode == 0 and json.loads(res.stdout)["rows"][0][0] == want
 
         wait_for(landed, timeout=30)
+
+
+def test_sigkill_of_up_takes_the_children_and_up_starts_again(platform, tmp_path):
+    data = platform["data"]
+    pids = [json.loads((data / "run" / f"{c}.json").read_text())["pid"] for c in ("broker", "ingest", "api", "scheduler")]
+    platform["proc"].send_signal(signal.SIGKILL)
+    platform["proc"].wait(10)
+    try:
+        wait_for(lambda: not any(alive(p) for p in pids), timeout=20)
+    except AssertionError:
+        left = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[-40:] for p in pids if alive(p)}
+        raise AssertionError(f"still running after SIGKILL of up: {left}") from None
+    again = subprocess.Popen(
+        [sys.executable, "-m", "iot2ml", "up", "--data-dir", str(data), "--nats-port", "0", "--mqtt-port", "0",
+         "--http-port", "0"], stdout=open(tmp_path / "again.out", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "iot2ml is up" in (tmp_path / "again.out").read_text(), timeout=60)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(30) == 0

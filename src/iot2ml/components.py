@@ -58,7 +58,9 @@ def run_ingest_component(settings: Settings) -> None:
     catalog = Catalog(settings.catalog)
 
     def url() -> str:
-        return wait_for_broker(settings)
+        from .core.transport import find_broker
+
+        return find_broker(settings.data_dir)  # raises while no broker is up; the ingest retries
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -109,6 +111,7 @@ def run_api_component(settings: Settings, *, port: int | None = None) -> None:
     url = f"http://{settings.host}:{port}"
     write_run_info(settings.data_dir, "api", {"url": url, "port": port})
     try:
-        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5)
     finally:
         clear_run_info(settings.data_dir, "api")

@@ -125,6 +125,8 @@ class Platform:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert child.proc is not None
+            if self._stop.is_set():
+                raise Iot2mlError(f"stopped while {name} was starting")
             if child.proc.poll() is not None:
                 tail = child.log_path.read_text(errors="replace")[-2000:]
                 raise Iot2mlError(f"{name} exited with code {child.proc.returncode} while starting:\n{tail}")

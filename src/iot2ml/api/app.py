@@ -109,8 +109,11 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
                                              reconnect_time_wait=0.5)
             state["js"] = state["nc"].jetstream()
         yield
-        if "nc" in state:
-            await state["nc"].close()
+        if "nc" in state:  # the broker may be gone already: do not wait on it for ever
+            try:
+                await asyncio.wait_for(state["nc"].close(), 3)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - shutting down anyway
+                pass
 
     app = FastAPI(
         title="iot2ml",

@@ -38,7 +38,13 @@ def read_run_info(data_dir: Path, component: str) -> dict[str, Any]:
 
 
 def clear_run_info(data_dir: Path, component: str) -> None:
-    (Path(data_dir) / "run" / f"{component}.json").unlink(missing_ok=True)
+    """Remove the component's run file if this process wrote it (a successor may have replaced it)."""
+    path = Path(data_dir) / "run" / f"{component}.json"
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+    except (FileNotFoundError, ValueError):
+        pass
 
 
 def secret(data_dir: Path, name: str) -> str:

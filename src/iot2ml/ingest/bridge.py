@@ -46,8 +46,18 @@ async def run_bridge(settings: Settings, nats_url: str | Callable[[], str], stop
     import paho.mqtt.client as mqtt
 
     host, port, tls = parse_mqtt_url(settings.mqtt_url or "")
-    url = await asyncio.to_thread(nats_url) if callable(nats_url) else nats_url
-    nc = await nats.connect(url, name="iot2ml-bridge", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    nc = None
+    while nc is None:
+        try:
+            url = nats_url() if callable(nats_url) else nats_url
+            nc = await nats.connect(url, name="iot2ml-bridge", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        except Exception as err:  # noqa: BLE001 - broker not up yet: wait, unless asked to stop
+            log.info("bridge waiting for the broker: %s", err)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+                return
+            except asyncio.TimeoutError:
+                pass
     js = nc.jetstream()
     loop = asyncio.get_running_loop()
     # Unbounded on purpose: we PUBACK only after the stream stored a message, so the external
