@@ -98,15 +98,22 @@ def test_up_cli_mqtt_http_sql_metrics_and_clean_stop(platform):
     assert r.status_code == 201 and r.json() == {"accepted": 1}
     pub("pump-7", token, "devices/pump-7/telemetry", "not json")
 
+    last = {}
+
     def rows():
         out = iot2ml("query", "SELECT device_id, count(*) AS n, avg(pressure) AS p FROM pump GROUP BY 1",
                      "--format", "json", "--data-dir", data, check=False)
+        last.update(rc=out.returncode, out=out.stdout[-300:], err=out.stderr[-500:])
         if out.returncode != 0:
             return None
         body = json.loads(out.stdout)
         return body if body["rows"] and body["rows"][0][1] == 2 else None
 
-    body = wait_for(rows, timeout=30)
+    try:
+        body = wait_for(rows, timeout=60)
+    except AssertionError:
+        ingest_log = (platform["data"] / "run" / "ingest.log").read_text()[-1500:]
+        raise AssertionError(f"pump rows never reached 2: last query {last}; ingest log: {ingest_log}") from None
     assert body["columns"] == ["device_id", "n", "p"]
     assert body["rows"] == [["pump-7", 2, pytest.approx(3.15)]]
 
