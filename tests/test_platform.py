@@ -90,7 +90,7 @@ def test_up_cli_mqtt_http_sql_metrics_and_clean_stop(platform):
 
     # The broker learns the new device without a restart.
     wait_for(lambda: pub("pump-7", token, "devices/pump-7/telemetry",
-                         '{"ts": 1763780000.5, "pressure": 3.2, "flow": 11.9}').returncode == 0)
+                         '{"ts": 1763780000.5, "msg_id": "m1", "pressure": 3.2, "flow": 11.9}').returncode == 0)
     assert pub("pump-7", "bad-token", "devices/pump-7/telemetry", '{"pressure": 9}').returncode != 0
     r = httpx.post(f"{platform['http']}/api/v1/devices/pump-7/telemetry",
                    content='[{"ts": "2026-11-22T03:00:00Z", "pressure": 3.1}]',
