@@ -7,6 +7,7 @@ on the same ports. Children die with the supervisor (PR_SET_PDEATHSIG), even if 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,11 +30,18 @@ log = logging.getLogger("iot2ml.up")
 COMPONENTS = ("broker", "ingest", "api", "scheduler")
 
 
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child
+# Signal a child gets when `up` dies, even by SIGKILL. The ingest and the broker stop gracefully
+# (flush, stop nats-server); the API and the scheduler hold nothing unacknowledged, and a graceful
+# uvicorn shutdown can wait on a broker that is gone: they are killed outright.
+_DEATH_SIGNAL = {"broker": signal.SIGTERM, "ingest": signal.SIGTERM, "api": signal.SIGKILL,
+                 "scheduler": signal.SIGKILL}
+
+
+def _pdeathsig(sig: int) -> None:  # pragma: no cover - runs in the child
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
     except OSError:
         pass
 
@@ -116,7 +124,7 @@ class Platform:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_pdeathsig,
+                preexec_fn=functools.partial(_pdeathsig, _DEATH_SIGNAL[name]),
             )
         child.started_at = time.monotonic()
 
