@@ -51,7 +51,7 @@ def run_ingest_component(settings: Settings) -> None:
 
     from .core.catalog import Catalog
     from .ingest.service import IngestService
-    from .lake import Lake
+    from .lake import Lake, Maintainer
 
     use_metrics_dir(settings)
     lake = Lake(settings.lake, settings.lake_storage_options)
@@ -79,24 +79,14 @@ def run_ingest_component(settings: Settings) -> None:
         finally:
             clear_run_info(settings.data_dir, "ingest")
 
-    maintainer = _maintainer(settings, lake)
     # Each batch allocates hundreds of thousands of short-lived dicts: collecting the young
     # generation every 700 allocations would cost a third of the decode time.
     gc.set_threshold(200_000, 50, 1000)
     try:
-        if maintainer is not None:
-            with maintainer:
-                asyncio.run(main())
-        else:
+        with Maintainer(lake, settings):  # compaction, checkpoints, vacuum, retention in the background
             asyncio.run(main())
     finally:
         catalog.close()
-
-
-def _maintainer(settings: Settings, lake):  # noqa: ANN001, ANN202
-    from .lake.maintenance import Maintainer
-
-    return Maintainer(lake, settings)
 
 
 def run_api_component(settings: Settings, *, port: int | None = None) -> None:
