@@ -105,3 +105,31 @@ def run_api_component(settings: Settings, *, port: int | None = None) -> None:
                     timeout_graceful_shutdown=5)
     finally:
         clear_run_info(settings.data_dir, "api")
+
+
+def run_serve_component(settings: Settings, *, port: int | None = None, broker: bool = True) -> None:
+    """The serving runtime: REST predictions, and with the broker MQTT request/reply and streaming."""
+    import uvicorn
+
+    from .core.catalog import Catalog
+    from .core.runtime import claim_port
+    from .serve.app import create_serve_app
+
+    use_metrics_dir(settings)
+    port = claim_port(settings.host, settings.serve_port if port is None else port, "--serve-port")
+
+    def url() -> str:
+        from .core.transport import find_broker
+
+        return find_broker(settings.data_dir)
+
+    catalog = Catalog(settings.catalog)
+    app = create_serve_app(settings, catalog=catalog, nats_url=url if broker else None)
+    address = f"http://{settings.host}:{port}"
+    write_run_info(settings.data_dir, "serve", {"url": address, "port": port})
+    try:
+        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5)
+    finally:
+        clear_run_info(settings.data_dir, "serve")
+        catalog.close()

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI; default sqlite under data_dir.")
     mlflow_artifact_root: str | None = Field(None, description="Where model artifacts go (path or s3://); default data_dir/mlartifacts.")
     schedule_poll: float = Field(10.0, gt=0, description="Seconds between checks of the retraining schedules.")
+    serve_port: int = Field(8090, ge=0, le=65535, description="Port of the serving runtime (0 = pick a free one).")
+    serve_poll: float = Field(1.0, gt=0, le=60, description="Seconds between checks for deployment or champion changes.")
+    serve_max_models: int = Field(16, ge=1, description="Model versions kept loaded per serving process (LRU).")
+    serve_max_model_mb: float = Field(4096.0, gt=0, description="Memory the loaded models may take, in MB (LRU).")
+    serve_max_batch: int = Field(512, ge=1, description="Most rows one model call answers (micro-batching).")
+    serve_log_predictions: bool = Field(True, description="Write every answer to the prediction_log table.")
     query_timeout: float = Field(30.0, gt=0, description="Seconds a SQL query may run.")
     query_max_rows: int = Field(100_000, gt=0, description="Most rows a SQL query returns.")
 

@@ -1,0 +1,1 @@
+"""Real-time predictions: the serving runtime (REST, MQTT request/reply, streaming) and deployments."""

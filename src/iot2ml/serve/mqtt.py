@@ -1,0 +1,303 @@
+"""Predictions over the broker: device request/reply and streaming deployments.
+
+Request/reply (seed 003): a device publishes ``devices/{id}/predict`` (NATS ``devices.{id}.predict``)
+with ``{"request_id": ..., "model": name, feature: value, ...}``; without ``model`` the deployment
+bound to its device type (``iot2ml deploy NAME --devices TYPE``) answers. The answer goes to
+``devices/{id}/predictions``: ``{"request_id", "prediction", "model", "version", "variant", ...}``
+or ``{"request_id", "error"}``. The broker lets a device subscribe only under its own prefix, so
+it reads only its own replies. Serving processes share requests through a queue group.
+
+Streaming (seed 004's "green flow"): a deployment with ``stream = TABLE`` scores every reading
+that arrives for devices of type ``TABLE``: it reads the telemetry stream with its own ordered
+consumer, decodes exactly as the ingest does, answers through the runtime (same routing, batching
+and log), appends the rows to the ``predictions`` table with a Delta transaction mark
+``(iot2ml-stream-NAME, last stream sequence)`` and then publishes each to the device. After a
+restart it goes on after the mark: no reading is scored into the table twice or skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ..core.errors import Iot2mlError, NotFound
+from ..core.transport import STREAM, TELEMETRY_SUBJECT
+from .runtime import ServingRuntime
+
+log = logging.getLogger("iot2ml.serve")
+
+PREDICT_SUBJECT = "devices.*.predict"
+QUEUE = "iot2ml-serve"
+MAX_IN_FLIGHT = 2_000
+
+
+def reply_subject(device_id: str) -> str:
+    return f"devices.{device_id}.predictions"
+
+
+class _DeviceTypes:
+    """device id -> type from the catalog, re-read when the catalog changes (checked every 2 s)."""
+
+    def __init__(self, catalog: Any) -> None:
+        self.catalog = catalog
+        self._types: dict[str, str] = {}
+        self._version = -1
+        self._checked = 0.0
+
+    def refresh(self) -> None:
+        if time.monotonic() - self._checked < 2.0:
+            return
+        self._checked = time.monotonic()
+        version = self.catalog.version()
+        if version != self._version:
+            self._types = self.catalog.device_types()
+            self._version = version
+
+    def get(self, device_id: str) -> str | None:
+        return self._types.get(device_id)
+
+
+def _one(prediction: Any) -> dict[str, Any]:
+    return prediction if isinstance(prediction, dict) else {"prediction": prediction}
+
+
+async def _connect(url: str | Callable[[], str]) -> Any:
+    import nats
+
+    while True:
+        try:
+            target = url() if callable(url) else url
+            return await nats.connect(target, name="iot2ml-serve", max_reconnect_attempts=-1,
+                                      reconnect_time_wait=0.5)
+        except Exception as err:  # noqa: BLE001 - the broker may still be starting
+            log.info("serve waits for the broker: %s", err)
+            await asyncio.sleep(0.5)
+
+
+async def run_device_channels(settings: Any, runtime: ServingRuntime, catalog: Any,
+                              url: str | Callable[[], str], stop: asyncio.Event) -> None:
+    """Answer MQTT requests and run streaming deployments until ``stop`` is set."""
+    nc = await _connect(url)
+    types = _DeviceTypes(catalog)
+    await asyncio.get_running_loop().run_in_executor(None, types.refresh)
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    async def answer(subject: str, data: bytes) -> None:
+        device = subject.split(".")[1]
+        request_id = None
+        try:
+            try:
+                body = orjson.loads(data)
+            except orjson.JSONDecodeError as err:
+                raise NotFound(f"request is not JSON: {err}") from None
+            if not isinstance(body, dict):
+                raise NotFound("request must be a JSON object of feature values")
+            request_id = body.pop("request_id", None)
+            name = body.pop("model", None)
+            if name is None:
+                kind = types.get(device)
+                name = runtime.for_device_type(kind) if kind else None
+                if name is None:
+                    raise NotFound(f"no 'model' in the request and no deployment bound to device type {kind!r}: "
+                                   f"send \"model\" or run 'iot2ml deploy NAME --devices {kind or 'TYPE'}'")
+            body.setdefault("device_id", device)
+            result = await runtime.predict(str(name), [body], key=device,
+                                           request_id=None if request_id is None else str(request_id), source="mqtt")
+            reply = {"request_id": request_id, **_one(result.predictions[0]), "model": result.name,
+                     "version": result.version, "variant": result.variant}
+        except (Iot2mlError, PermissionError) as err:
+            reply = {"request_id": request_id, "error": str(err)}
+        except Exception as err:
+            log.exception("MQTT predict for %s failed", device)
+            reply = {"request_id": request_id, "error": f"internal error: {type(err).__name__}"}
+        try:
+            await nc.publish(reply_subject(device), orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY))
+        except Exception as err:  # noqa: BLE001 - the broker is reconnecting: the device asks again
+            log.warning("could not publish the answer to %s: %s", device, err)
+
+    async def on_request(msg: Any) -> None:
+        await slots.acquire()
+        task = asyncio.create_task(answer(msg.subject, msg.data))
+        task.add_done_callback(lambda _t: slots.release())
+
+    sub = await nc.subscribe(PREDICT_SUBJECT, queue=QUEUE, cb=on_request, pending_msgs_limit=100_000)
+    streams: dict[str, tuple[int, asyncio.Task[Any]]] = {}
+    try:
+        while not stop.is_set():
+            await asyncio.get_running_loop().run_in_executor(None, types.refresh)
+            wanted = {name: spec for name, spec in runtime._specs.items() if spec.stream}
+            for name in list(streams):
+                if name not in wanted:
+                    streams.pop(name)[1].cancel()
+                    log.info("stopped streaming deployment %s", name)
+            for name, spec in wanted.items():
+                running = streams.get(name)
+                if running is None or running[1].done():
+                    if running is not None and running[1].done() and not running[1].cancelled() \
+                            and running[1].exception() is not None:
+                        log.error("streaming deployment %s stopped: %s; restarting", name, running[1].exception())
+                    scorer = StreamScorer(settings, runtime, nc, types, name, spec.stream)
+                    streams[name] = (spec.generation, asyncio.create_task(scorer.run()))
+                    log.info("streaming deployment %s scores arriving %s rows", name, spec.stream)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+    finally:
+        for _, task in streams.values():
+            task.cancel()
+        await asyncio.gather(*(t for _, t in streams.values()), return_exceptions=True)
+        try:
+            await sub.unsubscribe()
+            await asyncio.wait_for(nc.drain(), 3)
+        except Exception as err:  # noqa: BLE001 - shutting down
+            log.debug("broker connection did not drain: %s", err)
+
+
+class StreamScorer:
+    """Scores the arriving rows of one table for one deployment; see the module docstring."""
+
+    FLUSH_SECONDS = 0.25
+    MAX_MESSAGES = 20_000
+
+    def __init__(self, settings: Any, runtime: ServingRuntime, nc: Any, types: _DeviceTypes, name: str,
+                 table: str) -> None:
+        self.settings, self.runtime, self.nc, self.types = settings, runtime, nc, types
+        self.name, self.table = name, table
+        self.app_id = f"iot2ml-stream-{name}"
+        self.scored = 0
+
+    def _start_seq(self, last_seq: int) -> int:
+        from ..ml.jobs import PREDICTIONS
+
+        lake = self.runtime.lake
+        mark = lake.txn_version(PREDICTIONS, self.app_id) if lake.exists(PREDICTIONS) else None
+        return (mark + 1) if mark is not None else last_seq + 1  # first start: what arrives from now on
+
+    async def run(self) -> None:
+        from ..ingest.consumer import OrderedReader
+        from ..ingest.decode import Decoder, InMessage, kind_of
+        from ..ingest.service import _parse_reply
+
+        loop = asyncio.get_running_loop()
+        js = self.nc.jetstream()
+        info = await js.stream_info(STREAM)
+        start = await loop.run_in_executor(None, self._start_seq, info.state.last_seq)
+        schema = await loop.run_in_executor(None, self.runtime.lake.schema, self.table)
+        schemas = {self.table: {f.name: kind_of(f.type) for f in schema}} if schema is not None else {}
+        decoder = Decoder(self.types.get, schemas=schemas, max_payload_bytes=self.settings.max_payload_bytes,
+                          dedup_window=0)
+        buffer: list[tuple[str, str, bytes]] = []
+        last_seen = start - 1
+        arrived = asyncio.Event()
+
+        def on_message(reply: str, subject: str, data: bytes) -> None:
+            buffer.append((reply, subject, data))
+            arrived.set()
+            if len(buffer) >= self.MAX_MESSAGES:
+                reader.pause()
+
+        reader = OrderedReader(self.nc, stream=STREAM, subject=TELEMETRY_SUBJECT, start_seq=start,
+                               on_message=on_message)
+        await reader.start()
+        try:
+            while True:
+                await arrived.wait()
+                await asyncio.sleep(self.FLUSH_SECONDS)
+                batch, buffer[:] = list(buffer), []
+                arrived.clear()
+                await reader.resume()
+                messages = []
+                for reply, subject, data in batch:
+                    seq, received = _parse_reply(reply)
+                    if seq <= last_seen:
+                        continue  # redelivered after a consumer reset
+                    last_seen = seq
+                    messages.append(InMessage(seq, subject, received, data))
+                if not messages:
+                    continue
+                await loop.run_in_executor(None, self.types.refresh)
+                decoded = decoder.decode(messages)
+                rows = decoded.curated.get(self.table)
+                if rows is None or rows.num_rows == 0:
+                    continue
+                await self._score(rows, decoded.seq_hi)
+        finally:
+            await reader.stop()
+
+    async def _score(self, rows: Any, seq_hi: int) -> None:
+        import pyarrow as pa
+
+        from ..ml.jobs import PREDICTION_SCHEMA, PREDICTIONS
+
+        loop = asyncio.get_running_loop()
+        records = rows.drop_columns([c for c in ("_seq", "received_at", "msg_id") if c in rows.column_names]
+                                    ).to_pylist()
+        by_device: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            by_device.setdefault(str(record["device_id"]), []).append(record)
+        answers = await asyncio.gather(*(self._device(device, items) for device, items in by_device.items()))
+        out: dict[str, list[Any]] = {name: [] for name in PREDICTION_SCHEMA.names}
+        now = time.time()
+        replies = []
+        for (device, items), (answer, error) in zip(by_device.items(), answers):
+            for i, record in enumerate(items):
+                pred = _one(answer.predictions[i]) if answer is not None else {}
+                value = pred.get("prediction")
+                out["device_id"].append(device)
+                out["entity"].append(None)
+                out["ts"].append(record.get("ts"))
+                out["model"].append(self.name)
+                out["version"].append(answer.version if answer is not None else None)
+                out["task"].append(self.runtime.task_of(self.name, answer.version) if answer is not None else None)
+                out["prediction"].append(float(value) if isinstance(value, (int, float)) else
+                                         (pred.get("score") if isinstance(pred.get("score"), float) else None))
+                out["label"].append(None if isinstance(value, (int, float)) and not isinstance(value, bool)
+                                    else (None if value is None else str(value)))
+                extra = {k: v for k, v in pred.items() if k != "prediction"}
+                if error:
+                    extra = {"error": error}
+                out["scores"].append(orjson.dumps(extra).decode() if extra else None)
+                out["scored_at"].append(now)
+                replies.append((device, {"request_id": None, "ts": _iso(record.get("ts")), **pred,
+                                         "model": self.name, "version": answer.version if answer else None,
+                                         **({"error": error} if error else {})}))
+        n = len(out["device_id"])
+        table = pa.table({
+            "device_id": pa.array(out["device_id"], pa.string()),
+            "entity": pa.array(out["entity"], pa.string()),
+            "ts": pa.array(out["ts"], pa.timestamp("us", tz="UTC")),
+            "model": pa.array(out["model"], pa.string()),
+            "version": pa.array(out["version"], pa.int64()),
+            "task": pa.array(out["task"], pa.string()),
+            "prediction": pa.array(out["prediction"], pa.float64()),
+            "label": pa.array(out["label"], pa.string()),
+            "scores": pa.array(out["scores"], pa.string()),
+            "scored_at": pa.array([int(t * 1_000_000) for t in out["scored_at"]], pa.timestamp("us", tz="UTC")),
+        }, schema=PREDICTION_SCHEMA)
+        await loop.run_in_executor(None, lambda: self.runtime.lake.append(
+            PREDICTIONS, table, app_id=self.app_id, version=seq_hi))
+        self.scored += n
+        for device, reply in replies:
+            try:
+                await self.nc.publish(reply_subject(device), orjson.dumps(reply, default=str))
+            except Exception as err:  # noqa: BLE001 - the row is in the table; the device may read it there
+                log.warning("could not publish a streamed prediction to %s: %s", device, err)
+                break
+
+    async def _device(self, device: str, items: list[dict[str, Any]]) -> tuple[Any, str | None]:
+        instances = [{k: v for k, v in item.items() if k != "ts" and v is not None or k == "device_id"}
+                     for item in items]
+        try:
+            return await self.runtime.predict(self.name, instances, key=device, source="stream", lenient=True), None
+        except (Iot2mlError, PermissionError) as err:
+            return None, str(err)
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value

@@ -1,0 +1,622 @@
+"""The serving runtime: deployed models in memory, requests routed to variants, answers batched.
+
+One ``ServingRuntime`` per process answers REST (``serve/app.py``), MQTT request/reply
+(``serve/mqtt.py``) and streaming deployments (``serve/stream.py``) alike:
+
+- models come from the MLflow registry by version or alias, are loaded once into an LRU cache
+  bounded by count and by the memory they took when loaded, and are warmed before a deployment
+  switches to them (blue/green: the old version answers until the new one is ready);
+- a change of deployment (``iot2ml deploy``) or of the champion alias is picked up within
+  ``serve_poll`` seconds, without a restart;
+- requests for the same model version that arrive while the model is busy are answered by one
+  model call (continuous micro-batching: no wait is added when the model is idle);
+- a canary or A/B variant that fails is answered for by the primary (the client never sees the
+  failure), counted against the variant, and the canary judge rolls a canary back when its error
+  rate or latency crosses the deployment's thresholds, or promotes it when the bake time passes;
+- every answered instance is a row of the ``prediction_log`` table (request id, model, version,
+  variant, latency, inputs hash, the answer), flushed to the lake every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from ..core.errors import InvalidInput, Iot2mlError, NotFound
+from .deployments import Deployment, Deployments, Variant
+from .predictors import Prepared, check_instances, predictor_for
+
+log = logging.getLogger("iot2ml.serve")
+
+PREDICTION_LOG = "prediction_log"
+WINDOW_SECONDS = 120.0
+MIN_CANARY_REQUESTS = 10
+"""A canary is promoted only after this many answered requests (and its bake time)."""
+MIN_LATENCY_SAMPLES = 20
+"""Latency thresholds are judged only on at least this many requests."""
+
+
+class ModelFailed(Iot2mlError):
+    """The model raised or could not be loaded while answering valid input (HTTP 503)."""
+
+
+# --------------------------------------------------------------------------- model cache
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+@dataclass
+class Loaded:
+    name: str
+    version: int
+    task: str
+    predictor: Any
+    size_mb: float
+    batcher: Batcher
+    loaded_at: float = field(default_factory=time.time)
+
+
+class ModelCache:
+    """Loaded model versions, least recently used first out beyond ``max_models`` or ``max_mb``."""
+
+    def __init__(self, registry: Any, *, max_models: int, max_mb: float, executor: ThreadPoolExecutor,
+                 max_batch: int) -> None:
+        self.registry = registry
+        self.max_models, self.max_mb = max_models, max_mb
+        self.executor, self.max_batch = executor, max_batch
+        self._items: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
+        self._loading: dict[tuple[str, int], asyncio.Future[Loaded]] = {}
+        self._lock = threading.Lock()  # MLflow loads one model at a time per process
+        self.evictions = 0
+
+    def peek(self, name: str, version: int) -> Loaded | None:
+        item = self._items.get((name, version))
+        if item is not None:
+            self._items.move_to_end((name, version))
+        return item
+
+    async def get(self, name: str, version: int) -> Loaded:
+        item = self.peek(name, version)
+        if item is not None:
+            return item
+        key = (name, version)
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[key] = pending
+            try:
+                item = await asyncio.get_running_loop().run_in_executor(None, self._load, name, version)
+                self._items[key] = item
+                self._evict(keep=key)
+                pending.set_result(item)
+            except BaseException as err:
+                pending.set_exception(err)
+                pending.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+                raise
+            finally:
+                self._loading.pop(key, None)
+            return item
+        return await asyncio.shield(pending)
+
+    def _load(self, name: str, version: int) -> Loaded:
+        with self._lock:
+            before = _rss_mb()
+            started = time.monotonic()
+            wrapper = self.registry.load(name, str(version))
+            inner = wrapper.unwrap_python_model()
+            predictor = predictor_for(inner.model, inner.task)
+            size = max(1.0, _rss_mb() - before)
+        log.info("loaded %s v%s (%s) in %.2f s, ~%.0f MB", name, version, inner.task,
+                 time.monotonic() - started, size)
+        return Loaded(name, version, inner.task, predictor, size,
+                      Batcher(predictor, self.executor, max_batch=self.max_batch))
+
+    def _evict(self, keep: tuple[str, int]) -> None:
+        while len(self._items) > 1 and (len(self._items) > self.max_models or
+                                        sum(i.size_mb for i in self._items.values()) > self.max_mb):
+            key = next(k for k in self._items if k != keep)
+            self._items.pop(key)
+            self.evictions += 1
+            log.info("unloaded %s v%s (cache bound)", *key)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": i.name, "version": i.version, "task": i.task, "size_mb": round(i.size_mb, 1)}
+                for i in self._items.values()]
+
+
+# --------------------------------------------------------------------------- micro-batching
+
+
+class Batcher:
+    """Runs a predictor over every request queued while the previous model call ran."""
+
+    def __init__(self, predictor: Any, executor: ThreadPoolExecutor, *, max_batch: int) -> None:
+        self.predictor = predictor
+        self.executor = executor
+        self.max_batch = max_batch
+        self._queue: deque[tuple[Prepared, asyncio.Future[list[Any]]]] = deque()
+        self._running = False
+        self.calls = 0
+        self.rows = 0
+
+    async def submit(self, prepared: Prepared) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._queue.append((prepared, future))
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, rows = [], 0
+                while self._queue and (not batch or rows + self._queue[0][0].count <= self.max_batch):
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    rows += item[0].count
+                await self._run(loop, batch)
+        finally:
+            self._running = False
+            if self._queue:  # arrived after the loop ended
+                self._running = True
+                loop.create_task(self._drain())
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Any]) -> None:
+        try:
+            results = await loop.run_in_executor(self.executor, self.predictor.predict_many, [p for p, _ in batch])
+            self.calls += 1
+            self.rows += sum(p.count for p, _ in batch)
+        except Exception as err:  # noqa: BLE001 - one bad request must not fail the others
+            if len(batch) > 1:
+                for item in batch:
+                    await self._run(loop, [item])
+                return
+            _, future = batch[0]
+            if not future.done():
+                future.set_exception(err)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+
+
+# --------------------------------------------------------------------------- per-variant figures
+
+
+class VariantStats:
+    """Answered requests per (model, variant label, version): latency and outcome, last two minutes."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str, int], deque[tuple[float, float, bool]]] = {}
+        self.totals: dict[tuple[str, str, int], list[int]] = {}
+
+    def record(self, name: str, label: str, version: int, latency_ms: float, ok: bool) -> None:
+        key = (name, label, version)
+        events = self._events.setdefault(key, deque())
+        now = time.monotonic()
+        events.append((now, latency_ms, ok))
+        while events and events[0][0] < now - WINDOW_SECONDS:
+            events.popleft()
+        total = self.totals.setdefault(key, [0, 0])
+        total[0] += 1
+        total[1] += 0 if ok else 1
+
+    def window(self, name: str, label: str, version: int, since: float | None = None) -> dict[str, Any]:
+        events = [e for e in self._events.get((name, label, version), ()) if since is None or e[0] >= since]
+        n = len(events)
+        if not n:
+            return {"requests": 0, "errors": 0, "error_rate": 0.0, "p50_ms": None, "p99_ms": None}
+        lat = sorted(e[1] for e in events)
+        errors = sum(1 for e in events if not e[2])
+        return {"requests": n, "errors": errors, "error_rate": errors / n,
+                "p50_ms": round(lat[int(0.5 * (n - 1))], 3), "p99_ms": round(lat[int(0.99 * (n - 1))], 3)}
+
+    def describe(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for (model, label, version), (total, errors) in sorted(self.totals.items()):
+            if model == name:
+                out.append({"variant": label, "version": version, "requests_total": total, "errors_total": errors,
+                            "last_2min": self.window(model, label, version)})
+        return out
+
+
+# --------------------------------------------------------------------------- prediction log
+
+
+class PredictionLog:
+    """Rows of ``prediction_log``, appended to the lake every second from a buffer (bounded)."""
+
+    MAX_PENDING = 200_000
+
+    def __init__(self, lake: Any | None) -> None:
+        self.lake = lake
+        self._rows: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+        self._app = f"iot2ml-serve-{uuid.uuid4().hex[:12]}"
+        self._seq = 0
+        self.dropped = 0
+        self.written = 0
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        if self.lake is None:
+            return
+        with self._lock:
+            room = self.MAX_PENDING - len(self._rows)
+            if room < len(rows):
+                self.dropped += len(rows) - max(room, 0)
+                rows = rows[:max(room, 0)]
+            self._rows.extend(rows)
+
+    def flush(self) -> int:
+        import pyarrow as pa
+
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if not rows or self.lake is None:
+            return 0
+        cols = list(zip(*rows))
+        table = pa.table({
+            "ts": pa.array(cols[0], pa.timestamp("us", tz="UTC")),
+            "request_id": pa.array(cols[1], pa.string()),
+            "model": pa.array(cols[2], pa.string()),
+            "version": pa.array(cols[3], pa.int64()),
+            "variant": pa.array(cols[4], pa.string()),
+            "source": pa.array(cols[5], pa.string()),
+            "device_id": pa.array(cols[6], pa.string()),
+            "latency_ms": pa.array(cols[7], pa.float64()),
+            "inputs_hash": pa.array(cols[8], pa.string()),
+            "prediction": pa.array(cols[9], pa.string()),
+            "ok": pa.array(cols[10], pa.bool_()),
+            "error": pa.array(cols[11], pa.string()),
+        })
+        self._seq += 1
+        try:
+            self.lake.append(PREDICTION_LOG, table, app_id=self._app, version=self._seq)
+        except Exception as err:  # noqa: BLE001 - keep the rows for the next try, within the bound
+            log.warning("prediction_log append failed (%s); retrying with the next flush", err)
+            with self._lock:
+                self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
+            return 0
+        self.written += len(rows)
+        return len(rows)
+
+
+def inputs_hash(instance: dict[str, Any]) -> str:
+    return hashlib.blake2b(orjson.dumps(instance, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
+
+
+# --------------------------------------------------------------------------- the runtime
+
+
+@dataclass
+class Answer:
+    name: str
+    version: int
+    variant: str
+    predictions: list[Any]
+    request_id: str
+
+    def body(self) -> dict[str, Any]:
+        return {"predictions": self.predictions, "model": self.name, "version": self.version,
+                "variant": self.variant, "request_id": self.request_id}
+
+
+class ServingRuntime:
+    """See the module docstring. ``start()`` inside the event loop, ``stop()`` at the end."""
+
+    def __init__(self, settings: Any, catalog: Any, *, registry: Any = None, lake: Any = None) -> None:
+        self.settings = settings
+        self.deployments = Deployments(catalog)
+        if registry is None:
+            from ..ml.registry import Registry, tracking_uri_for
+
+            registry = Registry(tracking_uri_for(settings.data_dir, settings.mlflow_tracking_uri),
+                                artifact_root=settings.mlflow_artifact_root
+                                or str((settings.data_dir / "mlartifacts").absolute()))
+        if lake is None:
+            from ..lake import Lake
+
+            lake = Lake(settings.lake, settings.lake_storage_options)
+        self.registry = registry
+        self.lake = lake
+        self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                           thread_name_prefix="iot2ml-model")
+        self.cache = ModelCache(registry, max_models=settings.serve_max_models, max_mb=settings.serve_max_model_mb,
+                                executor=self.executor, max_batch=settings.serve_max_batch)
+        self.stats = VariantStats()
+        self.plog = PredictionLog(lake if settings.serve_log_predictions else None)
+        self._specs: dict[str, Deployment] = {}
+        self._versions: dict[tuple[str, str], int] = {}  # (name, ref) -> version in force
+        self._canary_clock: dict[tuple[str, int], float] = {}  # (name, generation) -> monotonic start
+        self._stamp: tuple[tuple[str, int], ...] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.ready = asyncio.Event()
+        self._draw = random.Random()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self.ready.set()
+        self._tasks = [asyncio.create_task(self._loop(self.refresh, self.settings.serve_poll), name="refresh"),
+                       asyncio.create_task(self._loop(self.judge, 0.25), name="judge"),
+                       asyncio.create_task(self._loop(self._flush, 1.0), name="prediction-log")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self, step: Any, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("serving background step %s failed", getattr(step, "__name__", step))
+
+    async def _flush(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.plog.flush)
+
+    # ---- deployments -------------------------------------------------------------------
+    async def _resolve(self, name: str, ref: str) -> int:
+        if ref.isdigit():
+            return int(ref)
+        loop = asyncio.get_running_loop()
+        try:
+            mv = await loop.run_in_executor(None, self.registry.client.get_model_version_by_alias, name, ref)
+        except Exception as err:
+            raise NotFound(f"model {name!r} has no version with alias {ref!r}: see 'iot2ml models list'") from err
+        return int(mv.version)
+
+    async def refresh(self) -> None:
+        """Pick up deployment changes and moved aliases; switch only once the new versions are loaded."""
+        loop = asyncio.get_running_loop()
+        stamp = await loop.run_in_executor(None, self.deployments.stamp)
+        specs = self._specs
+        if stamp != self._stamp:
+            specs = {d.name: d for d in await loop.run_in_executor(None, self.deployments.list)}
+        for name, spec in specs.items():
+            versions: dict[tuple[str, str], int] = {}
+            try:
+                for variant in spec.variants:
+                    version = await self._resolve(name, variant.ref)
+                    await self.cache.get(name, version)  # warm before switching
+                    versions[(name, variant.ref)] = version
+            except Exception as err:  # noqa: BLE001 - keep what answers now
+                log.error("deployment %s generation %s cannot be served yet: %s", name, spec.generation, err)
+                continue
+            old = self._specs.get(name)
+            changed = old is None or old.generation != spec.generation or any(
+                self._versions.get(k) != v for k, v in versions.items())
+            self._versions.update(versions)
+            if changed:
+                self._specs[name] = spec
+                if spec.canary is not None:
+                    self._canary_clock.setdefault((name, spec.generation), time.monotonic())
+                log.info("serving %s generation %s: %s", name, spec.generation,
+                         ", ".join(f"{v.label}=v{versions[(name, v.ref)]}" for v in spec.variants))
+        for name in [n for n in self._specs if n not in specs]:
+            self._specs.pop(name)
+            log.info("undeployed %s", name)
+        self._stamp = stamp
+
+    def spec(self, name: str) -> Deployment:
+        spec = self._specs.get(name)
+        if spec is None:
+            raise NotFound(f"model {name!r} is not deployed here: run 'iot2ml deploy {name}' "
+                           f"(deployed: {', '.join(sorted(self._specs)) or 'none'})")
+        return spec
+
+    def for_device_type(self, device_type: str) -> str | None:
+        for name, spec in self._specs.items():
+            if spec.devices == device_type:
+                return name
+        return None
+
+    def task_of(self, name: str, version: int) -> str | None:
+        loaded = self.cache.peek(name, version)
+        return loaded.task if loaded is not None else None
+
+    def version_of(self, name: str, variant: Variant) -> int:
+        return self._versions[(name, variant.ref)]
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for name, spec in sorted(self._specs.items()):
+            item = spec.describe()
+            for v, d in zip(spec.variants, item["variants"]):
+                d["resolved_version"] = self._versions.get((name, v.ref))
+            item["stats"] = self.stats.describe(name)
+            out.append(item)
+        return out
+
+    # ---- answering ---------------------------------------------------------------------
+    async def _answer(self, name: str, variant: Variant, instances: list[dict[str, Any]],
+                      configuration: dict[str, Any] | None, lenient: bool = False) -> tuple[int, list[Any]]:
+        version = self.version_of(name, variant)
+        loaded = await self.cache.get(name, version)
+        allowed = getattr(loaded.predictor, "allowed", None)
+        if lenient and allowed is not None:  # a table row: take the model's fields, leave the rest
+            instances = [{k: v for k, v in item.items() if k in allowed} for item in instances]
+        prepared = (loaded.predictor.prepare(instances, configuration) if loaded.task == "forecast"
+                    else loaded.predictor.prepare(instances))
+        return version, await loaded.batcher.submit(prepared)
+
+    async def predict(self, name: str, instances: Any, *, key: str | None = None, request_id: str | None = None,
+                      configuration: dict[str, Any] | None = None, source: str = "rest",
+                      lenient: bool = False) -> Answer:
+        """Answer ``instances`` with the variant the deployment routes ``key`` (device id) to."""
+        started = time.perf_counter()
+        instances = check_instances(instances)
+        spec = self.spec(name)
+        request_id = request_id or uuid.uuid4().hex
+        chosen = spec.route(key, self._draw.random())
+        variant, failure = chosen, None
+        try:
+            version, predictions = await self._answer(name, chosen, instances, configuration, lenient)
+        except InvalidInput as err:
+            if chosen.role == "primary":
+                self._log(name, chosen, None, instances, None, started, request_id, source, key, str(err))
+                raise
+            failure = err  # the variant rejects what the primary may take: count it, fall back
+        except Exception as err:  # noqa: BLE001 - a failing model variant
+            failure = err
+        if failure is not None:
+            if chosen.role == "primary":
+                self._record(name, chosen, started, ok=False)
+                self._log(name, chosen, None, instances, None, started, request_id, source, key,
+                          f"{type(failure).__name__}: {failure}")
+                raise ModelFailed(f"model {name} failed: {type(failure).__name__}: {failure}") from failure
+            fallback = spec.primary or next(v for v in spec.variants if v.role == "ab" and v != chosen)
+            variant = fallback
+            try:
+                version, predictions = await self._answer(name, fallback, instances, configuration, lenient)
+            except InvalidInput:
+                if isinstance(failure, InvalidInput):  # both reject it: the request is bad, not the variant
+                    raise
+                self._record(name, chosen, started, ok=False)
+                raise
+            except Exception as err:
+                self._record(name, chosen, started, ok=False)
+                self._record(name, fallback, started, ok=False)
+                raise ModelFailed(f"model {name} failed: {type(err).__name__}: {err}") from err
+            # The variant failed where the fallback answered: count it against the variant.
+            self._record(name, chosen, started, ok=False)
+            self._log(name, chosen, None, instances, None, started, request_id, source, key,
+                      f"{type(failure).__name__}: {failure}")
+            log.warning("%s variant %s failed (%s); answered by %s", name, chosen.label, failure, fallback.label)
+        self._record(name, variant, started, ok=True, version=version)
+        self._log(name, variant, version, instances, predictions, started, request_id, source, key, None)
+        if spec.shadow is not None:
+            asyncio.get_running_loop().create_task(
+                self._shadow(name, spec.shadow, instances, configuration, request_id, source, key))
+        return Answer(name, version, variant.label, predictions, request_id)
+
+    async def _shadow(self, name: str, variant: Variant, instances: list[dict[str, Any]],
+                      configuration: dict[str, Any] | None, request_id: str, source: str, key: str | None) -> None:
+        started = time.perf_counter()
+        try:
+            version, predictions = await self._answer(name, variant, instances, configuration)
+        except Exception as err:  # noqa: BLE001 - a shadow never affects an answer
+            self._record(name, variant, started, ok=False)
+            self._log(name, variant, None, instances, None, started, request_id, source, key,
+                      f"{type(err).__name__}: {err}")
+            return
+        self._record(name, variant, started, ok=True, version=version)
+        self._log(name, variant, version, instances, predictions, started, request_id, source, key, None)
+
+    def _record(self, name: str, variant: Variant, started: float, *, ok: bool, version: int | None = None) -> None:
+        latency = (time.perf_counter() - started) * 1000.0
+        v = version if version is not None else self._versions.get((name, variant.ref), 0)
+        self.stats.record(name, variant.label, v, latency, ok)
+        _metrics().predictions.labels(name, str(v), variant.label, "ok" if ok else "error").inc()
+        if ok:
+            _metrics().latency.labels(name, variant.label).observe(latency / 1000.0)
+
+    def _log(self, name: str, variant: Variant, version: int | None, instances: list[dict[str, Any]],
+             predictions: list[Any] | None, started: float, request_id: str, source: str, key: str | None,
+             error: str | None) -> None:
+        if self.plog.lake is None:
+            return
+        now = datetime.now(UTC)
+        latency = (time.perf_counter() - started) * 1000.0
+        v = version if version is not None else self._versions.get((name, variant.ref), 0)
+        rows = []
+        for i, item in enumerate(instances):
+            device = item.get("device_id", key)
+            answer = None if predictions is None or i >= len(predictions) else orjson.dumps(predictions[i]).decode()
+            rows.append((now, request_id if len(instances) == 1 else f"{request_id}/{i}", name, v, variant.label,
+                         source, None if device is None else str(device), latency, inputs_hash(item), answer,
+                         error is None, error))
+        self.plog.add(rows)
+
+    # ---- canary judge ------------------------------------------------------------------
+    async def judge(self) -> None:
+        """Roll a canary back when a threshold is crossed; promote it when its bake time has passed."""
+        loop = asyncio.get_running_loop()
+        for name, spec in list(self._specs.items()):
+            canary = spec.canary
+            if canary is None:
+                continue
+            version = self._versions.get((name, canary.ref))
+            since = self._canary_clock.setdefault((name, spec.generation), time.monotonic())
+            figures = self.stats.window(name, canary.label, version or 0, since=since)
+            breach = self._breach(spec, figures)
+            if breach:
+                reason = f"canary v{version} {breach} (after {figures['requests']} requests)"
+                log.warning("%s: rolling back: %s", name, reason)
+                await loop.run_in_executor(None, functools.partial(
+                    self.deployments.rollback, name, who="serve (canary judge)", reason=reason,
+                    action="auto-rollback", expect_generation=spec.generation))
+                await self.refresh()
+                continue
+            bake = spec.bake_seconds or 0.0
+            if time.monotonic() - since >= bake and figures["requests"] >= MIN_CANARY_REQUESTS:
+                promoted = replace(spec, variants=tuple(
+                    [Variant(canary.ref, "primary")] + [v for v in spec.variants if v.role == "shadow"]),
+                    canary_since=None)
+                reason = (f"canary v{version} baked {bake:g} s over {figures['requests']} requests within "
+                          f"{spec.rollback_on or 'no thresholds'} (error rate {figures['error_rate']:.4f}, "
+                          f"p99 {figures['p99_ms']} ms)")
+                log.info("%s: promoting: %s", name, reason)
+                await loop.run_in_executor(None, functools.partial(
+                    self.deployments.put, promoted, who="serve (canary judge)", action="promote",
+                    reason=reason, expect_generation=spec.generation))
+                await self.refresh()
+
+    @staticmethod
+    def _breach(spec: Deployment, figures: dict[str, Any]) -> str | None:
+        limits = spec.rollback_on
+        if "error_rate" in limits and figures["requests"] and figures["error_rate"] > limits["error_rate"]:
+            return f"error_rate {figures['error_rate']:.4f} > {limits['error_rate']:g}"
+        for key in ("p99_ms", "p50_ms"):
+            if key in limits and figures["requests"] >= MIN_LATENCY_SAMPLES and figures[key] > limits[key]:
+                return f"{key} {figures[key]:.1f} > {limits[key]:g}"
+        return None
+
+
+_METRICS: Any = None
+
+
+def _metrics() -> Any:
+    global _METRICS
+    if _METRICS is None:
+        from types import SimpleNamespace
+
+        from prometheus_client import Counter, Histogram
+
+        _METRICS = SimpleNamespace(
+            predictions=Counter("iot2ml_serve_requests", "Prediction requests answered, by variant and outcome",
+                                ["model", "version", "variant", "outcome"]),
+            latency=Histogram("iot2ml_serve_latency_seconds", "Time to answer a prediction request",
+                              ["model", "variant"],
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
+        )
+    return _METRICS
