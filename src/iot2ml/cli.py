@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,17 +29,19 @@ app.add_typer(models_app, name="models")
 app.add_typer(labels_app, name="labels")
 schedule_app = typer.Typer(no_args_is_help=True, help="Retraining schedules (run by 'iot2ml up').")
 app.add_typer(schedule_app, name="schedule")
+deployments_app = typer.Typer(no_args_is_help=True, help="Deployed models: what serves, and every change to it.")
+app.add_typer(deployments_app, name="deployments")
 
 console = Console()
 err_console = Console(stderr=True)
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data directory [env IOT2ML_DATA_DIR].")]
-NatsPort = Annotated[Optional[int], typer.Option("--nats-port", help="NATS port, 0 = pick a free one.")]
-MqttPort = Annotated[Optional[int], typer.Option("--mqtt-port", help="MQTT port, 0 = pick a free one.")]
-HttpPort = Annotated[Optional[int], typer.Option("--http-port", help="HTTP API port, 0 = pick a free one.")]
-Host = Annotated[Optional[str], typer.Option("--host", help="Address to listen on.")]
-CatalogUrl = Annotated[Optional[str], typer.Option("--catalog-url", help="Catalog DB URL (sqlite:///... or postgresql://...).")]
-MqttUrl = Annotated[Optional[str], typer.Option("--mqtt-url", help="Also ingest from an external MQTT broker (mqtt://host:port).")]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory \\[env IOT2ML_DATA_DIR].")]
+NatsPort = Annotated[int | None, typer.Option("--nats-port", help="NATS port, 0 = pick a free one.")]
+MqttPort = Annotated[int | None, typer.Option("--mqtt-port", help="MQTT port, 0 = pick a free one.")]
+HttpPort = Annotated[int | None, typer.Option("--http-port", help="HTTP API port, 0 = pick a free one.")]
+Host = Annotated[str | None, typer.Option("--host", help="Address to listen on.")]
+CatalogUrl = Annotated[str | None, typer.Option("--catalog-url", help="Catalog DB URL (sqlite:///... or postgresql://...).")]
+MqttUrl = Annotated[str | None, typer.Option("--mqtt-url", help="Also ingest from an external MQTT broker (mqtt://host:port).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
@@ -52,7 +54,7 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _run(fn, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+def _run(fn, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except Iot2mlError as err:
@@ -115,7 +117,7 @@ def _serve(platform: Any, *, extra: Any = None) -> None:
 def demo(
     data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
     host: Host = None,
-    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     devices: Annotated[int, typer.Option(help="Simulated devices per scenario.")] = 5,
     rate: Annotated[float, typer.Option(help="Messages per second per device.")] = 1.0,
 ) -> None:
@@ -174,7 +176,7 @@ def api(
 
 
 # ---- devices, keys, types --------------------------------------------------------------------
-def _catalog(data_dir: Path | None, catalog_url: str | None):  # noqa: ANN202
+def _catalog(data_dir: Path | None, catalog_url: str | None):
     from .core.catalog import Catalog
 
     settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url)
@@ -265,7 +267,7 @@ def keys_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: Ca
 @types_app.command("add")
 def types_add(
     name: str,
-    schema: Annotated[Optional[str], typer.Option(help="Declared columns, e.g. 'pressure:float,count:int'.")] = None,
+    schema: Annotated[str | None, typer.Option(help="Declared columns, e.g. 'pressure:float,count:int'.")] = None,
     data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Create a device type, optionally declaring column types up front."""
@@ -337,9 +339,9 @@ def simulate(
     scenario: Annotated[str, typer.Option(help="Scenario name (pollution, pump, ...).")] = "pollution",
     devices: Annotated[int, typer.Option(help="Number of simulated devices.")] = 10,
     rate: Annotated[float, typer.Option(help="Messages per second per device.")] = 1.0,
-    duration: Annotated[Optional[float], typer.Option(help="Seconds to run (default: until Ctrl-C).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds to run (default: until Ctrl-C).")] = None,
     transport: Annotated[str, typer.Option(help="mqtt or http.")] = "mqtt",
-    id_prefix: Annotated[Optional[str], typer.Option(help="Device id prefix (default: the scenario name).")] = None,
+    id_prefix: Annotated[str | None, typer.Option(help="Device id prefix (default: the scenario name).")] = None,
     data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Simulate devices of a scenario sending telemetry to the running platform."""
@@ -354,7 +356,7 @@ def simulate(
 
 
 # ---- ML workbench --------------------------------------------------------------------------------
-def _workbench(data_dir: Path | None):  # noqa: ANN202
+def _workbench(data_dir: Path | None):
     from .workbench import Workbench
 
     return Workbench(_run(_settings, data_dir=data_dir))
@@ -370,7 +372,7 @@ def _print_models(rows: list[dict[str, Any]], as_json: bool) -> None:
     table = Table("name", "version", "aliases", "task", "metric", "model", "baseline", "data versions")
     for r in rows:
         metric = r.get("primary_metric") or next(iter(r["metrics"]), "")
-        fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+        fmt = lambda v: "" if v is None else f"{v:.4g}"
         table.add_row(r["name"], str(r["version"]), ",".join(r["aliases"]), r["task"] or "", metric,
                       fmt(r["metrics"].get(metric)), fmt(r["baseline_metrics"].get(metric)),
                       json.dumps(r["data_versions"]))
@@ -379,18 +381,18 @@ def _print_models(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 @app.command()
 def train(
-    task: Annotated[Optional[str], typer.Argument(help="forecast, classify, regress or anomaly.")] = None,
-    table: Annotated[Optional[str], typer.Option(help="Lake table to train on.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Registered model name.")] = None,
-    target: Annotated[Optional[str], typer.Option(help="forecast: column to forecast.")] = None,
-    freq: Annotated[Optional[str], typer.Option(help="forecast: resampling frequency, e.g. 1h.")] = None,
-    horizon: Annotated[Optional[int], typer.Option(help="forecast: steps ahead.")] = None,
-    label: Annotated[Optional[str], typer.Option(help="classify/regress/anomaly: label column (or labels table).")] = None,
-    entity: Annotated[Optional[str], typer.Option(help="Entity key, e.g. batch_id (labels join on it).")] = None,
-    label_window: Annotated[Optional[str], typer.Option(help="Join each reading to its entity's latest label at most this old (30m, 1h).")] = None,
-    features: Annotated[Optional[str], typer.Option(help="Comma-separated feature columns.")] = None,
-    where: Annotated[Optional[str], typer.Option(help="SQL filter on the table.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="A job TOML file instead of options.")] = None,
+    task: Annotated[str | None, typer.Argument(help="forecast, classify, regress or anomaly.")] = None,
+    table: Annotated[str | None, typer.Option(help="Lake table to train on.")] = None,
+    name: Annotated[str | None, typer.Option(help="Registered model name.")] = None,
+    target: Annotated[str | None, typer.Option(help="forecast: column to forecast.")] = None,
+    freq: Annotated[str | None, typer.Option(help="forecast: resampling frequency, e.g. 1h.")] = None,
+    horizon: Annotated[int | None, typer.Option(help="forecast: steps ahead.")] = None,
+    label: Annotated[str | None, typer.Option(help="classify/regress/anomaly: label column (or labels table).")] = None,
+    entity: Annotated[str | None, typer.Option(help="Entity key, e.g. batch_id (labels join on it).")] = None,
+    label_window: Annotated[str | None, typer.Option(help="Join each reading to its entity's latest label at most this old (30m, 1h).")] = None,
+    features: Annotated[str | None, typer.Option(help="Comma-separated feature columns.")] = None,
+    where: Annotated[str | None, typer.Option(help="SQL filter on the table.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A job TOML file instead of options.")] = None,
     as_json: AsJson = False,
     data_dir: DataDir = None,
 ) -> None:
@@ -438,8 +440,8 @@ def labels_import(
     path: Path,
     entity_column: Annotated[str, typer.Option(help="Column with the entity key, e.g. batch_id.")],
     label_column: Annotated[str, typer.Option(help="Column with the label, e.g. quality.")],
-    table: Annotated[Optional[str], typer.Option(help="Check entities exist in this table.")] = None,
-    time_column: Annotated[Optional[str], typer.Option(help="Column with the time of each label (else now).")] = None,
+    table: Annotated[str | None, typer.Option(help="Check entities exist in this table.")] = None,
+    time_column: Annotated[str | None, typer.Option(help="Column with the time of each label (else now).")] = None,
     source: Annotated[str, typer.Option(help="Where the labels come from (taster, user, ...).")] = "import",
     who: Annotated[str, typer.Option(help="Who gave them.")] = os.environ.get("USER", "unknown"),
     data_dir: DataDir = None,
@@ -459,7 +461,7 @@ def labels_import(
 def predict(
     name: str,
     table: Annotated[str, typer.Option(help="Table whose rows to score.")],
-    where: Annotated[Optional[str], typer.Option(help="SQL filter, e.g. \"ts > now() - interval 1 day\".")] = None,
+    where: Annotated[str | None, typer.Option(help="SQL filter, e.g. \"ts > now() - interval 1 day\".")] = None,
     version: Annotated[str, typer.Option(help="Version number or alias.")] = "champion",
     data_dir: DataDir = None,
 ) -> None:
@@ -472,8 +474,8 @@ def predict(
 def schedule_add(
     name: str,
     train: Annotated[str, typer.Option("--train", help="What to train, as for 'iot2ml train', e.g. \"forecast --table pollution --target ozone\".")],
-    every: Annotated[Optional[str], typer.Option(help="Retrain this often: 30m, 1h, 1d.")] = None,
-    min_new_rows: Annotated[Optional[int], typer.Option(help="Retrain once this many rows arrived since the last run.")] = None,
+    every: Annotated[str | None, typer.Option(help="Retrain this often: 30m, 1h, 1d.")] = None,
+    min_new_rows: Annotated[int | None, typer.Option(help="Retrain once this many rows arrived since the last run.")] = None,
     on_labels: Annotated[bool, typer.Option(help="Retrain when new labels land.")] = False,
     replace: Annotated[bool, typer.Option(help="Replace a schedule of the same name.")] = False,
     data_dir: DataDir = None, catalog_url: CatalogUrl = None,
@@ -503,7 +505,7 @@ def schedule_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url
 
 @schedule_app.command("runs")
 def schedule_runs(
-    name: Annotated[Optional[str], typer.Argument(help="Only this schedule.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Only this schedule.")] = None,
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """History of scheduled runs: trigger, status, duration, error, model version."""
@@ -543,6 +545,156 @@ def scheduler(data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 
     setup_logging()
     _run(run_scheduler_component, _run(_settings, data_dir=data_dir, catalog_url=catalog_url))
+
+
+# ---- deployments -----------------------------------------------------------------------------
+Reason = Annotated[str, typer.Option(help="Why: kept in the audit trail ('iot2ml deployments history').")]
+
+
+def _who() -> str:
+    """Who changes a deployment from this shell: the OS user, else ``cli``."""
+    import getpass
+
+    try:
+        return getpass.getuser() or "cli"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _deployments(data_dir: Path | None, catalog_url: str | None):
+    from .serve.deployments import Deployments
+
+    settings, catalog = _catalog(data_dir, catalog_url)
+    return settings, catalog, _run(Deployments, catalog)
+
+
+def _print_deployment(info: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    head = f"[bold]{info['name']}[/] generation {info['generation']}"
+    console.print(head + (f" ({info['action']})" if info.get("action") else ""))
+    table = Table("variant", "version", "share", box=None, pad_edge=False)
+    for v in info["variants"]:
+        version = str(v["version"])
+        if "model_version" in v and str(v["model_version"]) != version:
+            version += f" (v{v['model_version']})"
+        share = "copy of every request, never answers" if v["role"] == "shadow" else f"{v['share']:g}%"
+        table.add_row(v["variant"], version, share)
+    console.print(table)
+    if any(v["role"] == "canary" for v in info["variants"]):
+        limits = ", ".join(f"{k}>{x:g}" for k, x in info["rollback_on"].items()) or "none"
+        console.print(f"  canary bakes {info['bake_seconds'] or 0:g} s, rolled back on {limits}")
+    console.print(f"  stream   {info['stream'] or '-'}    devices  {info['devices'] or '-'}")
+    console.print(f"  predict  POST {info['predict']}")
+
+
+@app.command()
+def deploy(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str | None, typer.Option(help="Version number or alias to serve (default: champion).")] = None,
+    canary: Annotated[float | None, typer.Option(help="Send this % of requests to --version, the rest to the current primary.")] = None,
+    bake: Annotated[str | None, typer.Option(help="Canary: promote after this long within the thresholds (5m, 1h; default 5m).")] = None,
+    rollback_on: Annotated[str | None, typer.Option(help="Canary: roll back when crossed, e.g. 'error_rate>0.01,p99_ms>50'.")] = None,
+    ab: Annotated[str | None, typer.Option(help="A/B test by weight, sticky per device, e.g. '6:50,7:50'.")] = None,
+    shadow: Annotated[str | None, typer.Option(help="Mirror every request to this version; its answers are only logged.")] = None,
+    stream: Annotated[str | None, typer.Option(help="Score every arriving row of this device type ('' stops).")] = None,
+    devices: Annotated[str | None, typer.Option(help="Answer MQTT requests without 'model' of devices of this type ('' stops).")] = None,
+    reason: Reason = "",
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Serve a registered model on /api/v1/models/NAME/predict: champion, a version, a canary, an A/B test."""
+    from .serve.control import deploy as apply
+    from .workbench import Workbench
+
+    settings, catalog, store = _deployments(data_dir, catalog_url)
+    bake_seconds = None
+    if bake is not None:
+        from .scheduler import parse_duration
+
+        bake_seconds = _run(parse_duration, bake)
+    registry = _run(lambda: Workbench(settings).registry.client)
+    info = _run(apply, store, catalog, registry, name, who=_who(), version=version, canary=canary,
+                bake_seconds=bake_seconds, rollback_on=rollback_on, ab=ab, shadow=shadow, stream=stream,
+                devices=devices, reason=reason)
+    if as_json:
+        print(json.dumps(info))
+        return
+    _print_deployment(info)
+
+
+@deployments_app.command("list")
+def deployments_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Every deployment with its variants, shares, stream and device binding."""
+    from .serve.control import summary
+
+    _, _, store = _deployments(data_dir, catalog_url)
+    rows = [summary(d) for d in _run(store.list)]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table("name", "generation", "variants", "stream", "devices", "updated")
+    for r in rows:
+        variants = ", ".join(f"{v['variant']}={v['version']}" + ("" if v["role"] == "shadow" else f" {v['share']:g}%")
+                             for v in r["variants"])
+        table.add_row(r["name"], str(r["generation"]), variants, r["stream"] or "", r["devices"] or "",
+                      str(r["updated_at"] or "")[:19])
+    console.print(table)
+
+
+@deployments_app.command("history")
+def deployments_history(
+    name: str,
+    limit: Annotated[int, typer.Option(help="Most recent events to show.")] = 50,
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """The audit trail of a deployment, newest first: when, what, who, why."""
+    _, _, store = _deployments(data_dir, catalog_url)
+    events = _run(store.events, name, limit=limit)
+    if not events:
+        _fail(Iot2mlError(f"model {name!r} was never deployed: see 'iot2ml deployments list'"))
+    if as_json:
+        print(json.dumps(events))
+        return
+    from rich.table import Table
+
+    table = Table("at", "generation", "action", "who", "variants", "reason")
+    for e in events:
+        variants = ", ".join(f"{v['role']}={v['ref']}" for v in e["spec"]["variants"]) if e["spec"] else "-"
+        table.add_row(e["at"][:19], str(e["generation"]), e["action"], e["who"], variants, e["reason"] or "")
+    console.print(table)
+
+
+@app.command()
+def rollback(
+    name: str, reason: Reason = "",
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Restore the deployment as it was before its last change (a restored canary bakes anew)."""
+    from .serve.control import summary
+
+    _, _, store = _deployments(data_dir, catalog_url)
+    restored = _run(store.rollback, name, who=_who(), reason=reason)
+    info = {**summary(restored), "action": "rollback"}
+    if as_json:
+        print(json.dumps(info))
+        return
+    _print_deployment(info)
+
+
+@app.command()
+def undeploy(
+    name: str, reason: Reason = "",
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Stop serving a model (its history stays; 'iot2ml deploy NAME' serves it again)."""
+    _, _, store = _deployments(data_dir, catalog_url)
+    _run(store.remove, name, who=_who(), reason=reason)
+    if as_json:
+        print(json.dumps({"name": name, "deployed": False}))
+    else:
+        console.print(f"{name} is no longer served")
 
 
 def main() -> None:

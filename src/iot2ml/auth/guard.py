@@ -25,7 +25,7 @@ class Guard:
         self.ttl = ttl
         self._cache: dict[str, tuple[float, Principal | None]] = {}
 
-    def _cached(self, kind: str, secret: str, load) -> Principal | None:  # noqa: ANN001
+    def _cached(self, kind: str, secret: str, load) -> Principal | None:
         key = kind + sha256(secret)
         now = time.monotonic()
         hit = self._cache.get(key)
@@ -51,6 +51,25 @@ class Guard:
             raise AuthError("unknown or revoked device token")
         if who.name != device_id:
             raise PermissionError(f"this token belongs to device {who.name!r}, not {device_id!r}")
+        return who
+
+    def caller(self, token: str | None) -> Principal:
+        """Whoever ``token`` belongs to: a device (``kind='device'``, ``role`` = its type) or an API key of
+        any role (``kind='key'``); ``AuthError`` (401) when it is neither."""
+        if not token:
+            raise AuthError("missing credentials: send 'Authorization: Bearer <device token or API key>'")
+
+        def device() -> Principal | None:
+            dev = self.catalog.device_for_token(token)
+            return None if dev is None else Principal("device", dev.device_id, dev.type)
+
+        def key() -> Principal | None:
+            found = self.catalog.key_role(token)
+            return None if found is None else Principal("key", found[0], found[1])
+
+        who = self._cached("d", token, device) or self._cached("k", token, key)
+        if who is None:
+            raise AuthError("unknown or revoked device token or API key")
         return who
 
     def key(self, key: str | None, *, role: str = "reader") -> Principal:

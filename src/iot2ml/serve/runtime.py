@@ -20,6 +20,7 @@ One ``ServingRuntime`` per process answers REST (``serve/app.py``), MQTT request
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import hashlib
 import logging
@@ -126,6 +127,10 @@ class ModelCache:
             inner = wrapper.unwrap_python_model()
             predictor = predictor_for(inner.model, inner.task)
             size = max(1.0, _rss_mb() - before)
+            import gc
+
+            gc.collect()
+            gc.freeze()  # see ServingRuntime.start
         log.info("loaded %s v%s (%s) in %.2f s, ~%.0f MB", name, version, inner.task,
                  time.monotonic() - started, size)
         return Loaded(name, version, inner.task, predictor, size,
@@ -206,33 +211,65 @@ class Batcher:
 # --------------------------------------------------------------------------- per-variant figures
 
 
+_EDGES_MS = [0.0] + [0.05 * 1.25**k for k in range(60)]  # 0.05 ms .. ~32 s, 25 % apart
+
+
+class _Second:
+    """Requests of one variant in one second: counts and a latency histogram (few objects: GC-cheap)."""
+
+    __slots__ = ("at", "errors", "hist", "n")
+
+    def __init__(self, at: int) -> None:
+        self.at, self.n, self.errors, self.hist = at, 0, 0, [0] * len(_EDGES_MS)
+
+
 class VariantStats:
-    """Answered requests per (model, variant label, version): latency and outcome, last two minutes."""
+    """Answered requests per (model, variant label, version): latency and outcome, per second, last
+    two minutes. Percentiles come from a histogram with buckets 25 % apart (read as the bucket's top)."""
 
     def __init__(self) -> None:
-        self._events: dict[tuple[str, str, int], deque[tuple[float, float, bool]]] = {}
+        self._seconds: dict[tuple[str, str, int], deque[_Second]] = {}
         self.totals: dict[tuple[str, str, int], list[int]] = {}
 
     def record(self, name: str, label: str, version: int, latency_ms: float, ok: bool) -> None:
         key = (name, label, version)
-        events = self._events.setdefault(key, deque())
-        now = time.monotonic()
-        events.append((now, latency_ms, ok))
-        while events and events[0][0] < now - WINDOW_SECONDS:
-            events.popleft()
-        total = self.totals.setdefault(key, [0, 0])
+        seconds = self._seconds.get(key)
+        if seconds is None:
+            seconds = self._seconds[key] = deque()
+        now = int(time.monotonic())
+        if not seconds or seconds[-1].at != now:
+            seconds.append(_Second(now))
+            while seconds[0].at < now - WINDOW_SECONDS:
+                seconds.popleft()
+        current = seconds[-1]
+        current.n += 1
+        if not ok:
+            current.errors += 1
+        current.hist[bisect.bisect_left(_EDGES_MS, latency_ms) if latency_ms < _EDGES_MS[-1] else -1] += 1
+        total = self.totals.get(key)
+        if total is None:
+            total = self.totals[key] = [0, 0]
         total[0] += 1
         total[1] += 0 if ok else 1
 
     def window(self, name: str, label: str, version: int, since: float | None = None) -> dict[str, Any]:
-        events = [e for e in self._events.get((name, label, version), ()) if since is None or e[0] >= since]
-        n = len(events)
+        first = -1.0 if since is None else int(since)
+        picked = [s for s in self._seconds.get((name, label, version), ()) if s.at >= first]
+        n = sum(s.n for s in picked)
         if not n:
             return {"requests": 0, "errors": 0, "error_rate": 0.0, "p50_ms": None, "p99_ms": None}
-        lat = sorted(e[1] for e in events)
-        errors = sum(1 for e in events if not e[2])
-        return {"requests": n, "errors": errors, "error_rate": errors / n,
-                "p50_ms": round(lat[int(0.5 * (n - 1))], 3), "p99_ms": round(lat[int(0.99 * (n - 1))], 3)}
+        hist = [sum(col) for col in zip(*(s.hist for s in picked))]
+        errors = sum(s.errors for s in picked)
+
+        def pct(q: float) -> float:
+            rank, seen = q * n, 0
+            for k, count in enumerate(hist):
+                seen += count
+                if seen >= rank:
+                    return round(_EDGES_MS[k], 3)
+            return round(_EDGES_MS[-1], 3)
+
+        return {"requests": n, "errors": errors, "error_rate": errors / n, "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
 
     def describe(self, name: str) -> list[dict[str, Any]]:
         out = []
@@ -358,7 +395,13 @@ class ServingRuntime:
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        import gc
+
         await self.refresh()
+        # Models, MLflow and pandas leave a million long-lived objects: a full collection over them
+        # stalls every request for a few hundred ms. Move them out of the collector's sight.
+        gc.collect()
+        gc.freeze()
         self.ready.set()
         self._tasks = [asyncio.create_task(self._loop(self.refresh, self.settings.serve_poll), name="refresh"),
                        asyncio.create_task(self._loop(self.judge, 0.25), name="judge"),
