@@ -39,6 +39,7 @@ DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory
 NatsPort = Annotated[int | None, typer.Option("--nats-port", help="NATS port, 0 = pick a free one.")]
 MqttPort = Annotated[int | None, typer.Option("--mqtt-port", help="MQTT port, 0 = pick a free one.")]
 HttpPort = Annotated[int | None, typer.Option("--http-port", help="HTTP API port, 0 = pick a free one.")]
+ServePort = Annotated[int | None, typer.Option("--serve-port", help="Predictions (serving) port, 0 = pick a free one.")]
 Host = Annotated[str | None, typer.Option("--host", help="Address to listen on.")]
 CatalogUrl = Annotated[str | None, typer.Option("--catalog-url", help="Catalog DB URL (sqlite:///... or postgresql://...).")]
 MqttUrl = Annotated[str | None, typer.Option("--mqtt-url", help="Also ingest from an external MQTT broker (mqtt://host:port).")]
@@ -65,11 +66,11 @@ def _run(fn, *args: Any, **kwargs: Any) -> Any:
 @app.command()
 def up(
     data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
-    host: Host = None, catalog_url: CatalogUrl = None, mqtt_url: MqttUrl = None,
+    host: Host = None, catalog_url: CatalogUrl = None, mqtt_url: MqttUrl = None, serve_port: ServePort = None,
 ) -> None:
-    """Start the embedded broker, the ingest, the API and the retraining scheduler; Ctrl-C stops everything."""
+    """Start the embedded broker, the ingest, the API, the scheduler and the serving runtime; Ctrl-C stops all."""
     settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, http_port=http_port,
-                    host=host, catalog_url=catalog_url, mqtt_url=mqtt_url)
+                    host=host, catalog_url=catalog_url, mqtt_url=mqtt_url, serve_port=serve_port)
     from .supervisor import Platform
 
     platform = Platform(settings)
@@ -77,7 +78,7 @@ def up(
 
 
 def _start(platform: Any) -> None:
-    with console.status("starting broker, ingest, API and scheduler..."):
+    with console.status("starting broker, ingest, API, scheduler and serving..."):
         _run(platform.start)
     for note in platform.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -85,6 +86,7 @@ def _start(platform: Any) -> None:
     console.print("[bold green]iot2ml is up[/]")
     console.print(f"  MQTT      {urls['mqtt']}   (topic devices/<id>/telemetry, user <id>, password <token>)")
     console.print(f"  HTTP API  {urls['http']}   docs {urls['docs']}")
+    console.print(f"  predict   {urls['serve']}/api/v1/models/<name>/predict   (after 'iot2ml deploy <name>')")
     console.print(f"  NATS      {urls['nats']}")
     console.print(f"  metrics   {urls['metrics']}")
     console.print(f"  data dir  {platform.settings.data_dir}")
@@ -116,14 +118,14 @@ def _serve(platform: Any, *, extra: Any = None) -> None:
 @app.command()
 def demo(
     data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
-    host: Host = None,
+    host: Host = None, serve_port: ServePort = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     devices: Annotated[int, typer.Option(help="Simulated devices per scenario.")] = 5,
     rate: Annotated[float, typer.Option(help="Messages per second per device.")] = 1.0,
 ) -> None:
     """`up` plus simulated pollution and pump devices; shows live counts and a sample query."""
     settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, http_port=http_port,
-                    host=host)
+                    host=host, serve_port=serve_port)
     from .demo import run_demo
     from .supervisor import Platform
 
@@ -173,6 +175,20 @@ def api(
     setup_logging()
     settings = _run(_settings, data_dir=data_dir, http_port=http_port, host=host, catalog_url=catalog_url)
     _run(run_api_component, settings)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None, serve_port: ServePort = None, host: Host = None, catalog_url: CatalogUrl = None,
+    no_broker: Annotated[bool, typer.Option("--no-broker", help="REST only: no MQTT requests, no streaming.")] = False,
+) -> None:
+    """Run only the serving runtime: deployed models over REST, MQTT request/reply and streaming."""
+    from .components import run_serve_component
+    from .core.logs import setup_logging
+
+    setup_logging()
+    settings = _run(_settings, data_dir=data_dir, serve_port=serve_port, host=host, catalog_url=catalog_url)
+    _run(run_serve_component, settings, broker=not no_broker)
 
 
 # ---- devices, keys, types --------------------------------------------------------------------

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 from .core.config import Settings
 from .core.errors import BrokerUnavailable
@@ -107,6 +108,18 @@ def run_api_component(settings: Settings, *, port: int | None = None) -> None:
         clear_run_info(settings.data_dir, "api")
 
 
+def serving_runtime(settings: Settings, catalog: Any) -> Any:
+    """A ``ServingRuntime`` over this data dir's model registry and lake."""
+    from .lake import Lake
+    from .ml.registry import Registry, tracking_uri_for
+    from .serve.runtime import ServingRuntime
+
+    registry = Registry(tracking_uri_for(settings.data_dir, settings.mlflow_tracking_uri),
+                        artifact_root=settings.mlflow_artifact_root
+                        or str((settings.data_dir / "mlartifacts").absolute()))
+    return ServingRuntime(settings, catalog, registry=registry, lake=Lake(settings.lake, settings.lake_storage_options))
+
+
 def run_serve_component(settings: Settings, *, port: int | None = None, broker: bool = True) -> None:
     """The serving runtime: REST predictions, and with the broker MQTT request/reply and streaming."""
     import uvicorn
@@ -124,7 +137,8 @@ def run_serve_component(settings: Settings, *, port: int | None = None, broker: 
         return find_broker(settings.data_dir)
 
     catalog = Catalog(settings.catalog)
-    app = create_serve_app(settings, catalog=catalog, nats_url=url if broker else None)
+    runtime = serving_runtime(settings, catalog)
+    app = create_serve_app(settings, catalog=catalog, runtime=runtime, nats_url=url if broker else None)
     address = f"http://{settings.host}:{port}"
     write_run_info(settings.data_dir, "serve", {"url": address, "port": port})
     try:

@@ -27,14 +27,14 @@ from .core.runtime import claim_port, read_run_info, run_dir, secret
 
 log = logging.getLogger("iot2ml.up")
 
-COMPONENTS = ("broker", "ingest", "api", "scheduler")
+COMPONENTS = ("broker", "ingest", "api", "scheduler", "serve")
 
 
 # Signal a child gets when `up` dies, even by SIGKILL. The ingest and the broker stop gracefully
 # (flush, stop nats-server); the API and the scheduler hold nothing unacknowledged, and a graceful
 # uvicorn shutdown can wait on a broker that is gone: they are killed outright.
 _DEATH_SIGNAL = {"broker": signal.SIGTERM, "ingest": signal.SIGTERM, "api": signal.SIGKILL,
-                 "scheduler": signal.SIGKILL}
+                 "scheduler": signal.SIGKILL, "serve": signal.SIGTERM}
 
 
 def _pdeathsig(sig: int) -> None:  # pragma: no cover - runs in the child
@@ -80,7 +80,8 @@ class Platform:
     def _settle_ports(self) -> None:
         s = self.settings
         chosen = {}
-        for name, flag in (("nats_port", "--nats-port"), ("mqtt_port", "--mqtt-port"), ("http_port", "--http-port")):
+        for name, flag in (("nats_port", "--nats-port"), ("mqtt_port", "--mqtt-port"), ("http_port", "--http-port"),
+                           ("serve_port", "--serve-port")):
             wanted = getattr(s, name)
             got = claim_port(s.host, wanted, flag, fallback=self.fallback_ports)
             if wanted and got != wanted:
@@ -111,9 +112,11 @@ class Platform:
         self._spawn("ingest")
         self._spawn("api")
         self._spawn("scheduler")
+        self._spawn("serve")
         self._wait_ready("api", timeout)
         self._wait_ready("ingest", timeout)
         self._wait_ready("scheduler", timeout)
+        self._wait_ready("serve", timeout)
 
     def _spawn(self, name: str) -> None:
         child = self._children[name]
@@ -155,6 +158,7 @@ class Platform:
             "http": f"http://{s.host}:{s.http_port}",
             "docs": f"http://{s.host}:{s.http_port}/docs",
             "metrics": f"http://{s.host}:{s.http_port}/metrics",
+            "serve": f"http://{s.host}:{s.serve_port}",
         }
 
     def pids(self) -> dict[str, int | None]:
@@ -182,7 +186,7 @@ class Platform:
     def shutdown(self, timeout: float = 15.0) -> None:
         """Stop children: ingest and API first (they flush), the broker last."""
         self._stop.set()
-        for group in (("api", "ingest", "scheduler"), ("broker",)):
+        for group in (("api", "ingest", "scheduler", "serve"), ("broker",)):
             procs = [c.proc for n, c in self._children.items() if n in group and c.proc and c.proc.poll() is None]
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)

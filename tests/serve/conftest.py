@@ -147,6 +147,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Wor
 @pytest.fixture
 def served(trained: tuple[Any, Workbench], monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     """The serving app (no broker) on a free port, over the module's registry; a fresh catalog state."""
+    from iot2ml.components import serving_runtime
     from iot2ml.serve.app import create_serve_app
 
     settings, bench = trained
@@ -158,7 +159,7 @@ def served(trained: tuple[Any, Workbench], monkeypatch: pytest.MonkeyPatch) -> I
         deployments.remove(d.name, who="test reset")
     bench.registry.client.set_registered_model_alias("wine", "champion", "1")
     key = catalog.add_key(f"k{time.monotonic_ns()}", "reader")
-    app = create_serve_app(settings, catalog=catalog)
+    app = create_serve_app(settings, catalog=catalog, runtime=serving_runtime(settings, catalog))
     port = free_port()
     server = ServerThread(app, port)
     try:

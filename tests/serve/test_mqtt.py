@@ -41,6 +41,7 @@ def client(port: int, user: str, password: str, subscribe: str | None = None) ->
 
 @pytest.fixture
 def mqtt_served(trained, make_broker):
+    from iot2ml.components import serving_runtime
     from iot2ml.serve.app import create_serve_app
 
     settings, bench = trained
@@ -54,7 +55,8 @@ def mqtt_served(trained, make_broker):
     servers = []
 
     def start():
-        app = create_serve_app(settings, catalog=catalog, nats_url=broker.url)
+        app = create_serve_app(settings, catalog=catalog, runtime=serving_runtime(settings, catalog),
+                               nats_url=broker.url)
         servers.append(ServerThread(app, free_port()))
         return app
 

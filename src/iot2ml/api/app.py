@@ -385,4 +385,38 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
         nc = state.get("nc")
         return {"ok": True, "broker": bool(nc and nc.is_connected)}
 
+    from ..serve.app import PREDICT_SCHEMA
+
+    @app.post(
+        "/api/v1/models/{name}/predict",
+        summary="Predict with a deployed model (forwarded to the serving runtime)",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}}},
+        responses={200: {"description": "{predictions, model, version, variant, request_id}"}, 401: {}, 404: {},
+                   413: {}, 422: {"description": "An instance lacks, adds or mistypes a field: named in detail"},
+                   503: {"description": "The serving runtime is not running, or the model failed"}},
+    )
+    async def forward_predict(name: str, request: Request) -> Response:
+        """One URL for everything: the API hands predictions to the serving process (``iot2ml serve``,
+        started by ``up``). Clients that want the lowest latency call the serving port directly."""
+        import httpx
+
+        from ..core.runtime import read_run_info
+
+        try:
+            target = read_run_info(settings.data_dir, "serve")["url"]
+        except (Iot2mlError, KeyError):
+            return JSONResponse({"detail": "the serving runtime is not running: 'iot2ml up' starts it, "
+                                           "or run 'iot2ml serve'"}, status_code=503)
+        if "http" not in state:
+            state["http"] = httpx.AsyncClient(timeout=30)
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type", "x-request-id")}
+        try:
+            answer = await state["http"].post(f"{target}/api/v1/models/{name}/predict",
+                                              content=await request.body(), headers=headers)
+        except httpx.HTTPError as err:
+            return JSONResponse({"detail": f"the serving runtime did not answer: {err}"}, status_code=503)
+        return Response(answer.content, status_code=answer.status_code,
+                        media_type=answer.headers.get("content-type", "application/json"))
+
     return app

@@ -127,15 +127,11 @@ def add_predict_routes(app: FastAPI, runtime: ServingRuntime, guard: Any, *, max
                       "prediction_log": {"written": runtime.plog.written, "dropped": runtime.plog.dropped}})
 
 
-def create_serve_app(settings: Any, *, catalog: Any = None, runtime: ServingRuntime | None = None,
-                     nats_url: Any = None) -> FastAPI:
+def create_serve_app(settings: Any, *, catalog: Any, runtime: ServingRuntime, nats_url: Any = None) -> FastAPI:
     """The app of ``iot2ml serve``. With ``nats_url`` (a URL or a function giving one) it also answers
     MQTT requests and runs the streaming deployments."""
     from ..auth import Guard
-    from ..core.catalog import Catalog
 
-    catalog = catalog or Catalog(settings.catalog)
-    runtime = runtime or ServingRuntime(settings, catalog)
     guard = Guard(catalog)
     state: dict[str, Any] = {}
 

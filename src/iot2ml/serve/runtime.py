@@ -364,19 +364,11 @@ class Answer:
 class ServingRuntime:
     """See the module docstring. ``start()`` inside the event loop, ``stop()`` at the end."""
 
-    def __init__(self, settings: Any, catalog: Any, *, registry: Any = None, lake: Any = None) -> None:
+    def __init__(self, settings: Any, catalog: Any, *, registry: Any, lake: Any) -> None:
+        """``registry``: an ``ml.registry.Registry`` (loads versions, resolves aliases); ``lake``: a
+        ``lake.Lake`` for ``prediction_log`` and streamed ``predictions``. The composition root builds both."""
         self.settings = settings
         self.deployments = Deployments(catalog)
-        if registry is None:
-            from ..ml.registry import Registry, tracking_uri_for
-
-            registry = Registry(tracking_uri_for(settings.data_dir, settings.mlflow_tracking_uri),
-                                artifact_root=settings.mlflow_artifact_root
-                                or str((settings.data_dir / "mlartifacts").absolute()))
-        if lake is None:
-            from ..lake import Lake
-
-            lake = Lake(settings.lake, settings.lake_storage_options)
         self.registry = registry
         self.lake = lake
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
