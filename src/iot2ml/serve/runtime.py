@@ -405,6 +405,9 @@ class ServingRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        import gc
+
+        gc.unfreeze()  # let the interpreter free everything at exit (native extensions check for leaks)
 
     async def _loop(self, step: Any, every: float) -> None:
         while True:
