@@ -281,7 +281,7 @@ def main() -> None:
             say(iot2ml_cli("deploy", MODEL, "--data-dir", str(data_dir), env=env).strip() or f"deployed {MODEL}")
             port = free_port()
             server = Server("iot2ml serve",
-                            [sys.executable, "-m", "iot2ml", "serve", "--data-dir", str(data_dir), "--port", str(port)],
+                            [sys.executable, "-m", "iot2ml", "serve", "--data-dir", str(data_dir), "--serve-port", str(port), "--no-broker"],
                             env, root / "iot2ml.log")
             servers.callback(server.stop)
             url = f"http://127.0.0.1:{port}/api/v1/models/{MODEL}/predict"
