@@ -358,14 +358,26 @@ def simulate(
     duration: Annotated[float | None, typer.Option(help="Seconds to run (default: until Ctrl-C).")] = None,
     transport: Annotated[str, typer.Option(help="mqtt or http.")] = "mqtt",
     id_prefix: Annotated[str | None, typer.Option(help="Device id prefix (default: the scenario name).")] = None,
+    backfill: Annotated[str | None, typer.Option(
+        help="Send this much past history first (e.g. 7d), as fast as --rate allows, then stop.")] = None,
+    step: Annotated[str, typer.Option(help="With --backfill: simulated time between readings.")] = "5m",
     data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Simulate devices of a scenario sending telemetry to the running platform."""
+    import math
+    import time
+
+    from .scheduler import parse_duration
     from .simulate import run_simulation
 
     settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url)
+    start_time = step_s = None
+    if backfill is not None:
+        span, step_s = _run(parse_duration, backfill), _run(parse_duration, step)
+        start_time = time.time() - span
+        duration = math.ceil(span / step_s) / rate  # every simulated step of the span, at --rate
     stats = _run(run_simulation, settings, scenario, devices=devices, rate=rate, duration=duration,
-                 transport=transport, id_prefix=id_prefix, progress=True)
+                 transport=transport, id_prefix=id_prefix, progress=True, start_time=start_time, step=step_s)
     console.print(f"sent {stats.sent}, acknowledged {stats.acked}, failed {stats.failed} in {stats.elapsed:.1f} s")
     if stats.failed:
         raise typer.Exit(1)

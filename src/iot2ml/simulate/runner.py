@@ -78,6 +78,7 @@ def run_simulation(
     id_prefix: str | None = None,
     progress: bool = True,
     start_time: float | None = None,
+    step: float | None = None,
     seed: int = 0,
     stop: threading.Event | None = None,
     mqtt_host: str | None = None,
@@ -93,7 +94,8 @@ def run_simulation(
     ``duration`` None runs until Ctrl-C or ``stop`` is set; both end the run cleanly and return the
     stats. Readings carry ``ts`` = now, or with ``start_time`` a simulated clock starting there and
     advancing at the live pace (the k-th reading of a device at ``start_time + k / rate``, devices
-    staggered within that interval), and a unique ``msg_id`` ``{device_id}-{run_id}-{k}``.
+    staggered within that interval) or, with ``step``, by ``step`` seconds per reading whatever the
+    pace (a backfill of past days sent in seconds), and a unique ``msg_id`` ``{device_id}-{run_id}-{k}``.
 
     Where to send: ``mqtt_host``/``mqtt_port`` or ``api_url`` if given, else what the running
     platform recorded in ``settings.data_dir``. At most ``max_pending`` readings wait for their
@@ -134,7 +136,7 @@ def run_simulation(
         fleet.connect(connect_timeout)
         with _progress_bar(progress, scenario.name, devices, rate, duration, transport) as show:
             try:
-                _pace(fleet, models, ids, stats, rate=rate, duration=duration, start_time=start_time,
+                _pace(fleet, models, ids, stats, rate=rate, duration=duration, start_time=start_time, step=step,
                       stop=stop, max_pending=max_pending, show=show)
             except KeyboardInterrupt:
                 stats.interrupted = True
@@ -181,6 +183,7 @@ def _pace(
     duration: float | None,
     start_time: float | None,
     stop: threading.Event | None,
+    step: float | None = None,
     max_pending: int,
     show: Callable[[_Fleet, bool], None],
 ) -> None:
@@ -210,7 +213,12 @@ def _pace(
         burst = min(due - j, _MAX_BURST, max_pending - fleet.pending())
         for _ in range(max(0, burst)):
             i, k = j % n, j // n
-            ts = time.time() if start_time is None else start_time + j / total_rate
+            if start_time is None:
+                ts = time.time()
+            elif step is not None:  # simulated clock: step seconds per reading, devices staggered
+                ts = start_time + k * step + i * step / n
+            else:
+                ts = start_time + j / total_rate
             reading = models[i].reading(ts)
             fleet.send(i, dumps({"ts": round(ts, 3), "msg_id": f"{tags[i]}{k}", **reading}))
             j += 1
