@@ -21,13 +21,20 @@ from iot2ml.serve.deployments import (
 
 
 @pytest.fixture
-def catalog(settings):
-    return Catalog(settings.catalog)
+def catalog(catalog_url):
+    """Each store test runs on SQLite and on the machine's PostgreSQL (row locks differ)."""
+    found = Catalog(catalog_url)
+    yield found
+    found.close()
 
 
 @pytest.fixture
 def store(catalog):
     return Deployments(catalog)
+
+
+def store_url(store: Deployments) -> str:
+    return store._engine.url.render_as_string(hide_password=False)
 
 
 def shares(spec: Deployment, keys: list[str]) -> dict[str, float]:
@@ -47,14 +54,14 @@ def test_canary_takes_its_share_of_requests_and_of_devices():
     assert 0.08 < by_device["canary"] < 0.12
 
 
-def test_ab_splits_by_weight_and_each_device_stays_on_its_side(settings, store):
+def test_ab_splits_by_weight_and_each_device_stays_on_its_side(store):
     spec = store.put(build_spec(None, "wq", ab="6:30,7:70"), who="t", action="ab")
     devices = [f"dev-{i}" for i in range(4000)]
     split = shares(spec, devices)
     assert set(split) == {"ab-6", "ab-7"} and 0.27 < split["ab-6"] < 0.33
     first = {d: spec.route(d, 0.0).ref for d in devices[:200]}
     # The same device lands on the same version whatever the draw, and after a reload from the catalog.
-    reloaded = Deployments(Catalog(settings.catalog)).get("wq")
+    reloaded = Deployments(Catalog(store_url(store))).get("wq")
     assert all(spec.route(d, draw).ref == first[d] for d in devices[:200] for draw in (0.0, 0.5, 0.99))
     assert all(reloaded.route(d, 0.3).ref == first[d] for d in devices[:200])
     # Another deployment shuffles devices independently: stickiness is per (deployment, device).
@@ -139,7 +146,7 @@ def test_state_and_history_survive_a_restart(settings, store):
     spec = store.put(build_spec(None, "wq", ab="6:50,7:50", stream=None), who="t", action="ab")
     store.put(build_spec(spec, "wq", shadow="8"), who="t", action="shadow")
     stamp = store.stamp()
-    after = Deployments(Catalog(settings.catalog))  # a new process: same database, fresh objects
+    after = Deployments(Catalog(store_url(store)))  # a new process: same database, fresh objects
     got = after.get("wq")
     assert got.generation == 2 and [v.label for v in got.variants] == ["ab-6", "ab-7", "shadow"]
     assert after.stamp() == stamp == (("wq", 2),)
@@ -169,7 +176,7 @@ def test_concurrent_writers_never_apply_two_changes_to_one_generation(settings, 
     store.put(build_spec(None, "wq", version="1"), who="t", action="deploy")
 
     def writer(i: int) -> None:
-        mine = Deployments(Catalog(settings.catalog))
+        mine = Deployments(Catalog(store_url(store)))
         for j in range(25):
             current = mine.get("wq")
             mine.put(build_spec(current, "wq", version=str(100 * i + j)), who=f"w{i}", action="deploy",

@@ -149,3 +149,27 @@ def test_blue_green_switch_and_rollback_under_load_fail_no_request(served):
     assert seen.get((1, "primary"), 0) > 20 and seen.get((2, "primary"), 0) > 20, seen
     actions = [e["action"] for e in served.deployments.events("wine")]
     assert actions[:3] == ["rollback", "deploy", "deploy"]
+
+
+@pytest.mark.parametrize(("max_models", "max_mb"), [(1, 10_000.0), (8, 1.0)])
+def test_loaded_models_are_bounded_by_count_and_memory(trained, max_models, max_mb):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from iot2ml.serve.runtime import ModelCache
+
+    _settings, bench = trained
+    cache = ModelCache(bench.registry, max_models=max_models, max_mb=max_mb, executor=ThreadPoolExecutor(2),
+                       max_batch=64)
+
+    async def main() -> list:
+        answers = []
+        for version in (1, 2, 1):
+            loaded = await cache.get("wine", version)
+            prepared = loaded.predictor.prepare([instance(5)])
+            answers.append((version, (await loaded.batcher.submit(prepared))[0]["prediction"]))
+        return answers
+
+    answers = run(main())
+    assert cache.evictions == 2 and len(cache.describe()) == 1  # each load pushed the other out
+    assert cache.describe()[0]["version"] == 1 and cache.describe()[0]["size_mb"] >= 1
+    assert answers[0][1] == answers[2][1]  # v1 reloaded answers as before

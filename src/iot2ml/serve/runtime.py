@@ -89,6 +89,7 @@ class ModelCache:
         self._loading: dict[tuple[str, int], asyncio.Future[Loaded]] = {}
         self._lock = threading.Lock()  # MLflow loads one model at a time per process
         self.evictions = 0
+        self.loads = 0
 
     def peek(self, name: str, version: int) -> Loaded | None:
         item = self._items.get((name, version))
@@ -127,10 +128,7 @@ class ModelCache:
             inner = wrapper.unwrap_python_model()
             predictor = predictor_for(inner.model, inner.task)
             size = max(1.0, _rss_mb() - before)
-            import gc
-
-            gc.collect()
-            gc.freeze()  # see ServingRuntime.start
+            self.loads += 1
         log.info("loaded %s v%s (%s) in %.2f s, ~%.0f MB", name, version, inner.task,
                  time.monotonic() - started, size)
         return Loaded(name, version, inner.task, predictor, size,
@@ -381,19 +379,14 @@ class ServingRuntime:
         self._versions: dict[tuple[str, str], int] = {}  # (name, ref) -> version in force
         self._canary_clock: dict[tuple[str, int], float] = {}  # (name, generation) -> monotonic start
         self._stamp: tuple[tuple[str, int], ...] | None = None
+        self._frozen_at = -1
         self._tasks: list[asyncio.Task[Any]] = []
         self.ready = asyncio.Event()
         self._draw = random.Random()
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        import gc
-
         await self.refresh()
-        # Models, MLflow and pandas leave a million long-lived objects: a full collection over them
-        # stalls every request for a few hundred ms. Move them out of the collector's sight.
-        gc.collect()
-        gc.freeze()
         self.ready.set()
         self._tasks = [asyncio.create_task(self._loop(self.refresh, self.settings.serve_poll), name="refresh"),
                        asyncio.create_task(self._loop(self.judge, 0.25), name="judge"),
@@ -464,6 +457,14 @@ class ServingRuntime:
             self._specs.pop(name)
             log.info("undeployed %s", name)
         self._stamp = stamp
+        if self.cache.loads != self._frozen_at:
+            # Models, MLflow and pandas leave a million long-lived objects: a full collection over
+            # them stalls every request for a few hundred ms. Move them out of the collector's sight.
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            self._frozen_at = self.cache.loads
 
     def spec(self, name: str) -> Deployment:
         spec = self._specs.get(name)
