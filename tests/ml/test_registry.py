@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from iot2ml.ml.base import TrainResult
-from iot2ml.ml.registry import CHAMPION, CHALLENGER, Registry, tracking_uri_for
+from iot2ml.ml.registry import CHALLENGER, CHAMPION, Registry, tracking_uri_for
 
 
 class Scale:
@@ -31,26 +31,57 @@ def registry(tmp_path_factory):
     return Registry(tracking_uri_for(data), artifact_root=str(data / "artifacts"))
 
 
+T1 = pd.Timestamp("2026-11-01T12:00:00Z")
+
+
+def duel(champion_mae: dict[float, float], new_mae: float, units: int = 30):
+    """A comparison as a task's ``compare`` reports it: the champion's score depends on its factor."""
+    def compare(model, since):
+        assert since == T1  # the champion's trained_until, read back from its run
+        return {"new": new_mae, "champion": champion_mae[model.factor], "units": units,
+                "holdout": f"{units} labelled readings after 2026-11-01T12:00:00Z"}
+    return compare
+
+
 def test_versions_aliases_and_promotion(registry):
-    first = registry.log_training("scale", result(2.0, 1.0), data_versions={"pump": 3})
+    first = registry.log_training("scale", result(2.0, 1.0), data_versions={"pump": 3}, trained_until=T1)
     assert first["version"] == 1 and set(first["aliases"]) == {CHAMPION, CHALLENGER}
     assert first["metrics"]["mae"] == 1.0 and first["baseline_metrics"]["mae"] == 5.0
     assert first["data_versions"] == {"pump": 3} and first["task"] == "regress"
+    assert first["trained_until"] == "2026-11-01T12:00:00+00:00" and first["promotion"] == "first version: champion"
 
-    worse = registry.log_training("scale", result(3.0, 2.0), data_versions={"pump": 4})
-    assert worse["version"] == 2 and worse["aliases"] == [CHALLENGER]
-    assert "does not beat" in worse["promotion"]
+    # Strictly better on the same holdout, or the champion stays; the logged CV score plays no part.
+    tie = registry.log_training("scale", result(3.0, 0.1), data_versions={"pump": 4},
+                                compare=duel({2.0: 0.9}, new_mae=0.9))
+    assert tie["aliases"] == [CHALLENGER] and "does not beat champion v1 mae=0.9" in tie["promotion"]
+    assert tie["compared_by"] == "same holdout: 30 units newer than champion's data (2026-11-01T12:00:00Z)"
 
-    # Rescored on the new holdout, the champion loses to a better version.
+    def broken(model, since):
+        raise RuntimeError("disk full")
+
+    failed = registry.log_training("scale", result(3.0, 0.1), data_versions={"pump": 4}, compare=broken)
+    assert failed["version"] == 3 and failed["aliases"] == [CHALLENGER]
+    assert failed["promotion"].startswith("comparison with the champion failed (RuntimeError: disk full)")
+
     better = registry.log_training("scale", result(1.5, 0.5), data_versions={"pump": 5},
-                                   rescore=lambda model: {"mae": 0.9 if model.factor == 2.0 else 9.9})
+                                   compare=duel({2.0: 0.9}, new_mae=0.4))
     assert set(better["aliases"]) == {CHAMPION, CHALLENGER}
-    assert "beats champion v1 mae=0.9" in better["promotion"]
+    assert better["promotion"] == ("version 4 mae=0.4 beats champion v1 mae=0.9 "
+                                   "on 30 labelled readings after 2026-11-01T12:00:00Z")
+    tags = registry.client.get_run(better["run_id"]).data.tags
+    assert {k: tags[f"iot2ml.promotion.{k}"] for k in ("metric", "new_score", "champion_score", "holdout_units")} == {
+        "metric": "mae", "new_score": "0.4", "champion_score": "0.9", "holdout_units": "30"}
+
+    # v4 was logged without trained_until: nothing can be compared with it.
+    after = registry.log_training("scale", result(1.0, 0.1), data_versions={"pump": 6}, trained_until=T1,
+                                  compare=duel({1.5: 0.9}, new_mae=0.1))
+    assert after["aliases"] == [CHALLENGER] and after["promotion"].startswith(
+        "the champion did not record the newest reading it was trained on")
 
     model = registry.load("scale", CHAMPION)
     assert model.predict(pd.DataFrame({"x": [2.0]}))["prediction"].tolist() == [3.0]
     listed = registry.list_models()
-    assert [(m["name"], m["version"]) for m in listed] == [("scale", 1), ("scale", 2), ("scale", 3)]
+    assert [(m["name"], m["version"]) for m in listed] == [("scale", v) for v in range(1, 6)]
     assert listed[0]["aliases"] == []
 
 

@@ -26,7 +26,7 @@ def write(lake, table: str, frame: pd.DataFrame, version: int) -> None:
     lake.append(table, t, app_id="test", version=version)
 
 
-def wine(n: int, seed: int) -> tuple[pd.DataFrame, list[dict]]:
+def wine(n: int, seed: int, start: str = "2026-11-01") -> tuple[pd.DataFrame, list[dict]]:
     rng = np.random.default_rng(seed)
     alcohol = rng.normal(10.5, 1.2, n)
     acidity = rng.normal(0.5, 0.15, n)
@@ -34,7 +34,7 @@ def wine(n: int, seed: int) -> tuple[pd.DataFrame, list[dict]]:
     quality = np.where(score > 10.2, "best", np.where(score > 8.6, "better", "good"))
     batches = [f"b{seed}-{i}" for i in range(n)]
     frame = pd.DataFrame({
-        "device_id": "station-1", "ts": pd.date_range("2026-11-01", periods=n, freq="min", tz="UTC"),
+        "device_id": "station-1", "ts": pd.date_range(start, periods=n, freq="min", tz="UTC"),
         "batch_id": batches, "alcohol": alcohol, "volatile_acidity": acidity, "ph": rng.normal(3.3, 0.1, n),
     })
     labels = [{"batch_id": b, "quality": q} for b, q in zip(batches, quality)]
@@ -122,39 +122,52 @@ def test_forecast_train_and_predict_future_steps(bench):
     assert set(__import__("json").loads(scores)) == {"q0.1", "q0.5", "q0.9"}
 
 
-def test_a_new_version_is_compared_with_the_champion_on_its_own_data(bench):
+def test_a_new_version_needs_enough_newer_entities_to_be_compared(bench):
     frame, labels = wine(240, seed=7)
     write(bench.lake, "wine", frame, 1)
     bench.import_labels(labels, entity_column="batch_id", label_column="quality", table=None, source="t", who="x")
-    job = TrainJob(task="classify", table="wine", name="wq", options={"label": "quality", "entity": "batch_id"})
+    job = TrainJob(task="classify", table="wine", name="wq",
+                   options={"label": "quality", "entity": "batch_id", "folds": 3})
     first = bench.train(job)
+    assert "champion" in first["aliases"] and first["trained_until"] == "2026-11-01T03:59:00+00:00"
+    more, more_labels = wine(12, seed=8, start="2026-11-02")
+    write(bench.lake, "wine", more, 2)
+    bench.import_labels(more_labels, entity_column="batch_id", label_column="quality", table=None, source="t",
+                        who="x")
     second = bench.train(job)
-    assert first["aliases"] == ["challenger", "champion"] or "champion" in first["aliases"]
-    # Cross-validated tasks have no holdout the champion has not seen: the logged scores are compared.
-    assert second["compared_by"] == "logged score of its own holdout"
-    assert "champion v1" in second["promotion"]
+    assert second["aliases"] == ["challenger"] and second["compared_by"] == "not compared"
+    assert second["promotion"] == ("only 12 labelled entities are newer than the champion's data "
+                                   "(2026-11-01T03:59:00Z), min_holdout is 20: wait for more data or lower "
+                                   "min_holdout: champion v1 kept; deploy version 2 explicitly to override")
 
 
-def test_anomaly_champion_is_rescored_on_the_new_holdout(bench):
-    rng = np.random.default_rng(3)
-    n = 600
+def pumps(n: int, seed: int, start: str = "2026-11-01") -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
     frames = []
     for d in range(3):
         blocked = np.zeros(n, dtype=bool)
-        for start in rng.choice(np.arange(50, n - 40), 4, replace=False):
-            blocked[start:start + 15] = True
+        for start_at in rng.choice(np.arange(50, n - 40), 4, replace=False):
+            blocked[start_at:start_at + 15] = True
         frames.append(pd.DataFrame({
-            "device_id": f"p{d}", "ts": pd.date_range("2026-11-01", periods=n, freq="min", tz="UTC"),
+            "device_id": f"p{d}", "ts": pd.date_range(start, periods=n, freq="min", tz="UTC"),
             "pressure": 3 + rng.normal(0, 0.1, n) + blocked * 1.5, "flow": 12 + rng.normal(0, 0.3, n) - blocked * 5,
-            "blocked": blocked.astype(int),
+            "temperature": rng.normal(20, 1, n), "blocked": blocked.astype(int),
         }))
-    write(bench.lake, "pump", pd.concat(frames, ignore_index=True), 1)
-    job = TrainJob(task="anomaly", table="pump", name="pb",
-                   options={"features": ["pressure", "flow"], "label": "blocked"})
-    bench.train(job)
-    second = bench.train(job)
-    assert second["compared_by"] == "rescored on this holdout"
-    assert "champion v1 event_f1=" in second["promotion"]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_champion_that_cannot_score_the_new_data_is_kept(bench):
+    write(bench.lake, "pump", pumps(400, seed=3), 1)
+    bench.train(TrainJob(task="anomaly", table="pump", name="pb",
+                         options={"features": ["pressure", "flow", "temperature"], "label": "blocked"}))
+    # Newer readings from pumps without a temperature sensor, in another table, for the same model.
+    write(bench.lake, "pump_v2", pumps(400, seed=4, start="2026-11-02").drop(columns="temperature"), 1)
+    second = bench.train(TrainJob(task="anomaly", table="pump_v2", name="pb",
+                                  options={"features": ["pressure", "flow"], "label": "blocked"}))
+    assert second["aliases"] == ["challenger"] and second["compared_by"] == "not compared"
+    assert second["promotion"].startswith("the champion cannot score the holdout: anomaly input column(s) "
+                                          "'temperature' missing from the frame")
+    assert second["promotion"].endswith("champion v1 kept; deploy version 2 explicitly to override")
 
 
 def test_labels_join_by_time_window(bench):
@@ -182,7 +195,7 @@ def test_labels_join_by_time_window(bench):
     frame = bench.read(training_sql(job, bench.lake.tables(), bench.columns("pump")))
     p0 = frame[frame["device_id"] == "p0"].sort_values("ts")
     assert p0["blocked"].iloc[:80].isna().all()  # before any label
-    assert (p0["blocked"].iloc[80:90] == True).all() and (p0["blocked"].iloc[90:150] == False).all()  # noqa: E712
+    assert (p0["blocked"].iloc[80:90] == True).all() and (p0["blocked"].iloc[90:150] == False).all()
     assert p0["blocked"].iloc[151:250].isna().all()  # the "0" label is older than the hour window
     described = bench.train(job)
     assert described["metrics"]["event_f1"] > described["baseline_metrics"]["event_f1"]

@@ -23,6 +23,8 @@ How ``AnomalyTask.fit`` works:
   metric is ``event_f1``. An empty denominator gives 0. Without labels the only figure is the
   holdout's ``flagged_rate`` (lower is better).
 - The returned model is refit on all rows, its threshold calibrated by the same rule.
+- ``compare`` (for promotion) scores the holdout flags above and the champion's flags on the
+  holdout readings newer than the champion's training data (at least ``min_holdout``, default 50).
 
 ``OnlineAnomalyScorer`` scores a stream one reading at a time (river's HalfSpaceTrees after MinMax
 scaling, one model per device).
@@ -39,7 +41,7 @@ from sklearn.ensemble import IsolationForest
 
 from iot2ml.core.errors import InvalidInput
 
-from .base import TrainResult
+from .base import NoFairHoldout, TrainResult, iso, newer_than, too_few
 from .base import require_columns as _missing
 
 __all__ = ["AnomalyModel", "AnomalyTask", "OnlineAnomalyScorer"]
@@ -48,6 +50,8 @@ DEFAULT_CONTAMINATION = 0.01
 """Share of readings flagged when there are no labels to take the rate from."""
 HOLDOUT = 0.3
 """Last share of each device's readings (in time) held out for evaluation."""
+HOLDOUT_PREDICTIONS = "holdout_predictions"
+"""``TrainResult.artifacts`` key of the holdout's flags (by the model fitted without it) that ``compare`` uses."""
 ZSCORE_WINDOW = 60
 """Readings in the baseline's rolling window."""
 ZSCORE_LIMIT = 3.0
@@ -237,13 +241,15 @@ class AnomalyTask:
     name = "anomaly"
 
     def __init__(self, *, features: list[str], label: str | None = None, contamination: float | None = None,
-                 entity: str = "device_id", seed: int = 0) -> None:
+                 entity: str = "device_id", seed: int = 0, min_holdout: int = 50) -> None:
         if not features:
             raise InvalidInput("features is empty: name the numeric columns to watch, e.g. pressure,flow")
         if contamination is not None and not 0.0 < contamination < 0.5:
             raise InvalidInput(f"contamination={contamination}: use a share between 0 and 0.5, e.g. 0.01")
+        if min_holdout < 1:
+            raise InvalidInput(f"min_holdout={min_holdout}: the comparison with the champion needs 1 or more readings")
         self.features, self.label, self.contamination = list(features), label, contamination
-        self.entity, self.seed = entity, seed
+        self.entity, self.seed, self.min_holdout = entity, seed, int(min_holdout)
 
     def _holdout(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
         """Rows sorted by device and time, and the mask of each device's last ``HOLDOUT`` share."""
@@ -252,25 +258,49 @@ class AnomalyTask:
         size = data.groupby(self.entity, sort=False)[self.entity].transform("size").to_numpy()
         return data, position >= np.ceil((1.0 - HOLDOUT) * size)
 
-    def evaluate(self, model: AnomalyModel, frame: pd.DataFrame) -> dict[str, float]:
-        """Score another model (e.g. the champion) on this task's holdout of ``frame``."""
+    def compare(self, champion: Any, frame: pd.DataFrame, result: TrainResult, since: pd.Timestamp | None
+                ) -> dict[str, Any]:
+        """``event_f1`` (with a label) or ``flagged_rate`` of the holdout model's flags and of
+        ``champion``'s, on the holdout readings (each device's newest ``HOLDOUT``) newer than
+        ``since``. Raises ``NoFairHoldout`` with fewer than ``min_holdout`` such readings or when the
+        champion cannot score them."""
+        since = newer_than(since)
+        table = result.artifacts.get(HOLDOUT_PREDICTIONS)
+        if not isinstance(table, pd.DataFrame):
+            raise NoFairHoldout("this training kept no holdout flags to compare with")
         data, holdout = self._holdout(frame)
         test = data[holdout]
+        if len(test) != len(table):
+            raise NoFairHoldout(f"the holdout has {len(test)} readings, the training flagged {len(table)}: "
+                                "compare on the frame the version was trained on")
+        fresh = (pd.to_datetime(test["ts"], utc=True) > since).to_numpy()
+        problem = too_few(int(fresh.sum()), "holdout readings", since, self.min_holdout)
+        if problem is not None:
+            raise problem
+        if not isinstance(champion, AnomalyModel):
+            raise NoFairHoldout(f"the champion is a {type(champion).__name__}, not an anomaly model: "
+                                "compare them by hand")
+        test = test[fresh]
+        try:
+            theirs = champion.predict(test)["is_anomaly"].to_numpy()
+        except InvalidInput as err:
+            raise NoFairHoldout(f"the champion cannot score the holdout: {err}") from None
         truth = _truth(test[self.label], self.label) if self.label else None
-        flags = model.predict(test)["is_anomaly"].to_numpy()
-        return evaluate_flags(flags, truth, test[self.entity].to_numpy())
+        keys = test[self.entity].to_numpy()
+        metric = result.primary_metric
+        mine = evaluate_flags(table["is_anomaly"].to_numpy()[fresh], truth, keys)[metric]
+        return {"new": mine, "champion": evaluate_flags(theirs, truth, keys)[metric], "units": int(fresh.sum()),
+                "holdout": f"{int(fresh.sum())} holdout readings (each device's newest {HOLDOUT:.0%}) "
+                           f"after {iso(since)}"}
 
     def fit(self, frame: pd.DataFrame) -> TrainResult:
         needed = [self.entity, "ts", *self.features] + ([self.label] if self.label else [])
         _missing(frame, needed, "anomaly input")
-        data = frame[frame[self.entity].notna()].sort_values([self.entity, "ts"], kind="stable")
+        data, holdout = self._holdout(frame)
         if len(data) < 10:
             raise InvalidInput(f"{len(data)} readings with a {self.entity!r}: need at least 10 to fit")
         _values(data, self.features)  # rejects non-numeric features early
         keys = data[self.entity].to_numpy()
-        position = data.groupby(self.entity, sort=False).cumcount().to_numpy()
-        size = data.groupby(self.entity, sort=False)[self.entity].transform("size").to_numpy()
-        holdout = position >= np.ceil((1.0 - HOLDOUT) * size)
         if not holdout.any() or holdout.all():
             raise InvalidInput(f"cannot hold out the last {HOLDOUT:.0%} of each device: need more readings")
         truth = _truth(data[self.label], self.label) if self.label else None
@@ -304,7 +334,9 @@ class AnomalyTask:
             features=list(self.features),
             input_example=data[[self.entity, "ts", *self.features]].head(10).reset_index(drop=True),
             artifacts={"holdout_rows": int(holdout.sum()),
-                       "holdout_label_rate": float(test_truth.mean()) if test_truth is not None else None},
+                       "holdout_label_rate": float(test_truth.mean()) if test_truth is not None else None,
+                       HOLDOUT_PREDICTIONS: pd.DataFrame({self.entity: keys[holdout], "ts": test["ts"].to_numpy(),
+                                                          "is_anomaly": flags})},
         )
 
 

@@ -9,7 +9,10 @@ an entity, or with ``aggregate=False``, every reading is a row.
 Figures are out-of-fold: K-fold cross-validation (stratified for classes; grouped by entity when
 readings of one entity are separate rows, so no entity sits on both sides), the baseline predicted
 on the same folds from the same training part: the majority class, or the mean. The returned model
-is refit on every labelled row.
+is refit on every labelled row. The out-of-fold predictions stay in
+``artifacts["holdout_predictions"]`` (unit, its first ``ts``, truth, prediction); for promotion,
+``compare`` scores them and the champion's predictions on the units newer than the champion's
+training data (at least ``min_holdout`` of them, default 20).
 """
 
 from __future__ import annotations
@@ -30,17 +33,24 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     r2_score,
 )
-from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import (
+    GroupKFold,
+    KFold,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+)
 
 from iot2ml.core.errors import InvalidInput
 
-from .base import TrainResult
+from .base import NoFairHoldout, TrainResult, iso, newer_than, too_few
 from .base import require_columns as _missing
 
 __all__ = ["ClassifyTask", "RegressTask", "TabularModel"]
 
 RESERVED = frozenset({"device_id", "ts", "received_at", "msg_id", "_seq"})
 """Columns the lake adds to every row: never features by default."""
+HOLDOUT_PREDICTIONS = "holdout_predictions"
+"""``TrainResult.artifacts`` key of the out-of-fold predictions that ``compare`` scores the new model by."""
 STATS = ("mean", "min", "max", "std", "last")
 """Aggregations of each numeric feature per entity."""
 COUNT = "n_readings"
@@ -159,10 +169,22 @@ def _choose_features(frame: pd.DataFrame, *, label: str, entity: str | None, agg
     return _Features(entity=entity, aggregate=aggregate, numeric=numeric, categorical=categorical)
 
 
+def _times(frame: pd.DataFrame) -> pd.Series:
+    """The frame's ``ts`` in UTC (all NaT without a ``ts`` column)."""
+    if "ts" not in frame.columns:
+        return pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns, UTC]")
+    return pd.to_datetime(frame["ts"], utc=True)
+
+
 def _training_rows(frame: pd.DataFrame, spec: _Features, label: str, *, numeric_label: bool
-                   ) -> tuple[np.ndarray, pd.Series, np.ndarray | None]:
-    """``(X, y, groups)`` of the labelled rows; groups are entities when readings are rows."""
-    labelled = frame[frame[label].notna()]
+                   ) -> tuple[np.ndarray, pd.Series, np.ndarray | None, pd.DataFrame]:
+    """``(X, y, groups, units)`` of the labelled rows; groups are entities when readings are rows.
+
+    ``units`` has per row of X its ``unit`` (the entity, or the row's position in ``frame``) and
+    ``first_ts`` (the entity's first reading, or the row's ``ts``).
+    """
+    has_label = frame[label].notna().to_numpy()
+    labelled = frame[has_label]
     if labelled.empty:
         raise InvalidInput(f"no rows with a value in label column {label!r}: import labels first")
     if numeric_label and not pd.api.types.is_numeric_dtype(labelled[label]):
@@ -171,7 +193,8 @@ def _training_rows(frame: pd.DataFrame, spec: _Features, label: str, *, numeric_
     if not spec.by_entity:
         x, _, keys = spec.matrix(labelled)
         groups = keys.to_numpy() if keys is not None else None
-        return x, labelled[label].reset_index(drop=True), groups
+        units = pd.DataFrame({"unit": np.flatnonzero(has_label), "first_ts": _times(labelled).to_numpy()})
+        return x, labelled[label].reset_index(drop=True), groups, units
     _missing(frame, [spec.entity], "entity")
     if numeric_label:
         target = labelled[label].astype(float).groupby(labelled[spec.entity], sort=True).mean()
@@ -179,8 +202,11 @@ def _training_rows(frame: pd.DataFrame, spec: _Features, label: str, *, numeric_
         counts = labelled.groupby([spec.entity, label], sort=True).size().rename("n").reset_index()
         counts = counts.sort_values("n", ascending=False, kind="stable").drop_duplicates(spec.entity)
         target = counts.set_index(spec.entity)[label].sort_index()
-    x, _, keys = spec.matrix(frame[frame[spec.entity].isin(target.index)])
-    return x, target.reindex(keys.to_numpy()).reset_index(drop=True), None
+    rows = frame[frame[spec.entity].isin(target.index)]
+    x, _, keys = spec.matrix(rows)
+    first = _times(rows).groupby(rows[spec.entity], sort=True).min()
+    units = pd.DataFrame({"unit": keys.to_numpy(), "first_ts": first.reindex(keys.to_numpy()).to_numpy()})
+    return x, target.reindex(keys.to_numpy()).reset_index(drop=True), None, units
 
 
 def _lgbm_params(n_rows: int, seed: int) -> dict[str, Any]:
@@ -252,21 +278,71 @@ class _TabularTask:
     name = ""
 
     def __init__(self, *, label: str, entity: str | None = None, features: list[str] | None = None,
-                 aggregate: bool = True, folds: int = 5, seed: int = 0) -> None:
+                 aggregate: bool = True, folds: int = 5, seed: int = 0, min_holdout: int = 20) -> None:
         if folds < 2:
             raise InvalidInput(f"folds={folds}: cross-validation needs 2 or more")
+        if min_holdout < 1:
+            raise InvalidInput(f"min_holdout={min_holdout}: the comparison with the champion needs 1 or more units")
         self.label, self.entity, self.features = label, entity, features
-        self.aggregate, self.folds, self.seed = aggregate, folds, seed
+        self.aggregate, self.folds, self.seed, self.min_holdout = aggregate, folds, seed, int(min_holdout)
 
     def _prepare(self, frame: pd.DataFrame, *, numeric_label: bool
-                 ) -> tuple[_Features, np.ndarray, pd.Series, np.ndarray | None]:
+                 ) -> tuple[_Features, np.ndarray, pd.Series, np.ndarray | None, pd.DataFrame]:
         _missing(frame, [self.label], "label")
         if self.entity is not None:
             _missing(frame, [self.entity], "entity")
         spec = _choose_features(frame, label=self.label, entity=self.entity, aggregate=self.aggregate,
                                 features=self.features)
-        x, y, groups = _training_rows(frame, spec, self.label, numeric_label=numeric_label)
-        return spec, x, y, groups
+        x, y, groups, units = _training_rows(frame, spec, self.label, numeric_label=numeric_label)
+        return spec, x, y, groups, units
+
+    def compare(self, champion: Any, frame: pd.DataFrame, result: TrainResult, since: pd.Timestamp | None
+                ) -> dict[str, Any]:
+        """Score this training's out-of-fold predictions and ``champion``'s on the units of ``frame``
+        newer than ``since``: entities whose first reading is after it (per-entity models), else
+        labelled readings after it. Raises ``NoFairHoldout`` with fewer than ``min_holdout`` units or
+        when the champion cannot predict them."""
+        since = newer_than(since)
+        table = result.artifacts.get(HOLDOUT_PREDICTIONS)
+        if not isinstance(table, pd.DataFrame):
+            raise NoFairHoldout("this training kept no out-of-fold predictions to compare with")
+        if table["first_ts"].isna().all():
+            raise NoFairHoldout("the training data has no 'ts' column: cannot tell which rows are newer "
+                                "than the champion's")
+        spec: _Features = result.model.spec
+        what = "labelled entities" if spec.by_entity else "labelled readings"
+        new = table[table["first_ts"] > since]
+        problem = too_few(len(new), what, since, self.min_holdout)
+        if problem is not None:
+            raise problem
+        kind = getattr(champion, "kind", type(champion).__name__)
+        if not isinstance(champion, TabularModel) or kind != self.name:
+            raise NoFairHoldout(f"the champion is a {kind} model, this version {self.name}: compare them by hand")
+        def unit(s: _Features) -> str:
+            return f"per entity {s.entity!r}" if s.by_entity else "per reading"
+
+        if unit(champion.spec) != unit(spec):
+            raise NoFairHoldout(f"the champion predicts {unit(champion.spec)}, this version {unit(spec)}: "
+                                "compare them by hand")
+        try:
+            if spec.by_entity:
+                out = champion.predict(frame[frame[spec.entity].isin(new["unit"])])
+                theirs_pred = out.set_index(spec.entity)["prediction"].reindex(new["unit"]).to_numpy()
+            else:
+                theirs_pred = champion.predict(frame.iloc[new["unit"].to_numpy()])["prediction"].to_numpy()
+        except InvalidInput as err:
+            raise NoFairHoldout(f"the champion cannot score the holdout: {err}") from None
+        mine_score, theirs_score = self._duel(new["truth"].to_numpy(), new["prediction"].to_numpy(), theirs_pred)
+        holdout = f"{len(new)} {what} {'whose first reading is after' if spec.by_entity else 'after'} {iso(since)}"
+        return {"new": mine_score, "champion": theirs_score, "units": len(new), "holdout": holdout}
+
+    @staticmethod
+    def _duel(truth: np.ndarray, mine: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _holdout_table(units: pd.DataFrame, truth: Any, prediction: Any) -> pd.DataFrame:
+        return units.assign(truth=np.asarray(truth), prediction=np.asarray(prediction))
 
     def _example(self, frame: pd.DataFrame, spec: _Features) -> pd.DataFrame:
         cols = [c for c in (spec.entity, "ts") if c is not None and c in frame.columns] + spec.raw
@@ -295,7 +371,7 @@ class ClassifyTask(_TabularTask):
     name = "classify"
 
     def fit(self, frame: pd.DataFrame) -> TrainResult:
-        spec, x, y, groups = self._prepare(frame, numeric_label=False)
+        spec, x, y, groups, unit_rows = self._prepare(frame, numeric_label=False)
         classes = _sorted_classes(y)
         if len(classes) < 2:
             raise InvalidInput(f"label {self.label!r} has the single class {classes[0]!r}: "
@@ -352,6 +428,7 @@ class ClassifyTask(_TabularTask):
                            for i, c in enumerate(classes)},
                 "folds": per_fold,
                 "feature_importance": self._importance(final, spec),
+                HOLDOUT_PREDICTIONS: self._holdout_table(unit_rows, y.to_numpy(), np.asarray(classes, dtype=object)[oof]),
             },
         )
 
@@ -359,6 +436,14 @@ class ClassifyTask(_TabularTask):
     def _codes(model: LGBMClassifier, x: np.ndarray) -> np.ndarray:
         # A training fold may miss a class of the whole set only with groups; map back to full codes.
         return np.asarray(model.classes_)[model.predict_proba(x).argmax(axis=1)]
+
+    @staticmethod
+    def _duel(truth: np.ndarray, mine: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+        """Macro F1 of both, over the union of the classes in truth and in either's predictions."""
+        truth, mine, theirs = (np.asarray([str(v) for v in a], dtype=object) for a in (truth, mine, theirs))
+        labels = sorted({*truth, *mine, *theirs})
+        return tuple(float(f1_score(truth, p, average="macro", labels=labels, zero_division=0))  # type: ignore[return-value]
+                     for p in (mine, theirs))
 
     @staticmethod
     def _scores(y: np.ndarray, pred: np.ndarray, labels: list[int]) -> dict[str, float]:
@@ -375,7 +460,7 @@ class RegressTask(_TabularTask):
     name = "regress"
 
     def fit(self, frame: pd.DataFrame) -> TrainResult:
-        spec, x, y, groups = self._prepare(frame, numeric_label=True)
+        spec, x, y, groups, unit_rows = self._prepare(frame, numeric_label=True)
         target = y.to_numpy(dtype=float)
         units = len(np.unique(groups)) if groups is not None else len(target)
         if units < 2:
@@ -409,8 +494,15 @@ class RegressTask(_TabularTask):
             params=self._params(spec, lgbm, len(target), n_splits),
             features=spec.raw,
             input_example=self._example(frame, spec),
-            artifacts={"folds": per_fold, "feature_importance": self._importance(final, spec)},
+            artifacts={"folds": per_fold, "feature_importance": self._importance(final, spec),
+                       HOLDOUT_PREDICTIONS: self._holdout_table(unit_rows, target, oof)},
         )
+
+    @staticmethod
+    def _duel(truth: np.ndarray, mine: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+        truth = truth.astype(float)
+        return (float(mean_absolute_error(truth, mine.astype(float))),
+                float(mean_absolute_error(truth, theirs.astype(float))))
 
     @staticmethod
     def _scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:

@@ -32,6 +32,10 @@ How ``ForecastTask.fit`` works:
   point forecast. The reported coverage is honest: each fold's interval comes from the other folds'
   residuals (in-sample only when ``folds == 1``).
 - The returned model is the winner refit on all points, with the quantiles of all folds.
+- ``compare`` (for promotion) scores the winner's last backtest fold, kept in
+  ``artifacts["holdout_predictions"]``, and the champion's forecast from the same history, on the
+  series whose last fold starts after the champion's newest training reading (at least
+  ``min_holdout`` series, default 1), over the shorter of both horizons, by MASE with the same scale.
 
 ``ForecastModel.predict(frame)`` takes recent history in the training input's shape (series, ts,
 target; raw readings, resampled and gap-filled as above) and returns, per series, the next
@@ -58,7 +62,7 @@ import pandas as pd
 
 from iot2ml.core.errors import ConfigError, InvalidInput
 
-from .base import TrainResult
+from .base import NoFairHoldout, TrainResult, iso, newer_than, too_few
 
 __all__ = ["CANDIDATES", "ForecastModel", "ForecastTask", "infer_season_length"]
 
@@ -68,6 +72,8 @@ MIN_RESIDUALS = 50
 """Scaled residuals wanted per horizon step for a conformal quantile; neighbouring steps are pooled."""
 WEEKS_FOR_WEEKDAY = 8
 """LightGBM gets a ``dayofweek`` feature only when the longest series spans this many weeks."""
+HOLDOUT_PREDICTIONS = "holdout_predictions"
+"""``TrainResult.artifacts`` key of the winner's last backtest fold, which ``compare`` scores it by."""
 MAX_LGB_ROWS = 2_000_000
 """Training rows for the global LightGBM model; beyond it each series keeps its most recent rows."""
 
@@ -189,10 +195,13 @@ def _prepare(frame: pd.DataFrame, *, series_column: str, time_column: str, targe
 
 def _mase_scale(y: np.ndarray, season: int) -> float:
     """In-sample MAE of the seasonal naive forecast (lag 1 when too short or flat; 1.0 if all is flat)."""
+    # "Flat" is relative to the level: a clean seasonal series has seasonal differences of ~1e-15,
+    # and dividing by that would blow every scaled feature up.
+    floor = 1e-9 * max(1.0, float(np.nanmean(np.abs(y)))) if len(y) else 1e-9
     for lag in (season, 1):
         if len(y) > lag:
             scale = float(np.mean(np.abs(y[lag:] - y[:-lag])))
-            if scale > 0 and math.isfinite(scale):
+            if scale > floor and math.isfinite(scale):
                 return scale
     return 1.0
 
@@ -550,6 +559,7 @@ class ForecastTask:
         max_gap: int | None = None,
         n_jobs: int = -1,
         progress: bool = False,
+        min_holdout: int = 1,
     ) -> None:
         try:
             pd.tseries.frequencies.to_offset(freq)
@@ -559,6 +569,9 @@ class ForecastTask:
             raise ConfigError(f"horizon {horizon} must be at least 1 step")
         if int(folds) < 1:
             raise ConfigError(f"folds {folds} must be at least 1")
+        if int(min_holdout) < 1:
+            raise ConfigError(f"min_holdout {min_holdout} must be at least 1 series")
+        self.min_holdout = int(min_holdout)
         self.season_length = int(season_length) if season_length else infer_season_length(freq)
         if self.season_length < 1:
             raise ConfigError(f"season_length {season_length} must be at least 1")
@@ -596,15 +609,65 @@ class ForecastTask:
             return _LightGBM(self.season_length, self.context, calendar, threads)
         return _StatsModel(name, self.season_length, self.n_jobs)
 
+    def _series(self, frame: pd.DataFrame) -> _Prepared:
+        length = self.context + self.folds * self.horizon
+        need = f"training needs {length} = context {self.context} + folds {self.folds} x horizon {self.horizon}"
+        return _prepare(frame, series_column=self.series_column, time_column=self.time_column,
+                        target=self.target, freq=self.freq, season=self.season_length,
+                        max_gap=self.max_gap, min_length=length, need=need)
+
+    def compare(self, champion: Any, frame: pd.DataFrame, result: TrainResult, since: pd.Timestamp | None
+                ) -> dict[str, Any]:
+        """MASE of this training's last backtest fold and of ``champion``'s forecast from the same
+        history (each series cut before that fold), on the series whose last fold starts after
+        ``since``, over the first ``min(champion horizon, horizon)`` steps with the same scale.
+        Raises ``NoFairHoldout`` with fewer than ``min_holdout`` such series or when the champion
+        forecasts another target or frequency, or none of them."""
+        since = newer_than(since)
+        table = result.artifacts.get(HOLDOUT_PREDICTIONS)
+        if not isinstance(table, pd.DataFrame):
+            raise NoFairHoldout("this training kept no backtest predictions to compare with")
+        starts = table.groupby("series", sort=False)["fold_start"].first()
+        fresh = set(starts[starts > since].index)
+        problem = too_few(len(fresh), "series with a last backtest fold", since, self.min_holdout)
+        if problem is not None:
+            raise problem
+        if not isinstance(champion, ForecastModel):
+            raise NoFairHoldout(f"the champion is a {type(champion).__name__}, not a forecast model: "
+                                "compare them by hand")
+        if (champion.target, champion.freq) != (self.target, self.freq):
+            raise NoFairHoldout(f"the champion forecasts {champion.target!r} at {champion.freq}, this version "
+                                f"{self.target!r} at {self.freq}: compare them by hand")
+        steps = min(champion.horizon, self.horizon)
+        history = {s.key: pd.Series(s.values[:-self.horizon], index=s.index[:-self.horizon])
+                   for s in self._series(frame).series if s.key in fresh}
+        try:
+            theirs = champion.predict_series(history, steps)
+        except InvalidInput as err:
+            raise NoFairHoldout(f"the champion cannot forecast the holdout: {err}") from None
+        theirs = theirs.rename(columns={champion.series_column: "series", "mean": "champion"})
+        both = table[table["series"].isin(fresh) & (table["step"] < steps)].merge(
+            theirs[["series", "ts", "champion"]], on=["series", "ts"], how="inner")
+        both = both[both["actual"].notna()]
+        if both.empty:
+            raise NoFairHoldout(f"the champion forecast none of the {len(fresh)} series newer than its data "
+                                f"({iso(since)}): {champion.context} points of history needed")
+        per_series = both.assign(mine=(both["actual"] - both["prediction"]).abs() / both["scale"],
+                                 theirs=(both["actual"] - both["champion"]).abs() / both["scale"]
+                                 ).groupby("series", sort=False)[["mine", "theirs"]].mean()
+        n = len(per_series)
+        problem = too_few(n, "series the champion could forecast", since, self.min_holdout)
+        if problem is not None:
+            raise problem
+        return {"new": float(per_series["mine"].mean()), "champion": float(per_series["theirs"].mean()),
+                "units": n, "holdout": f"last backtest fold ({steps} steps) of {n} series, starting after {iso(since)}"}
+
     def fit(self, frame: pd.DataFrame) -> TrainResult:
         from rich.progress import Progress
 
         h, folds = self.horizon, self.folds
         length = self.context + folds * h
-        need = f"training needs {length} = context {self.context} + folds {folds} x horizon {h}"
-        prepared = _prepare(frame, series_column=self.series_column, time_column=self.time_column,
-                            target=self.target, freq=self.freq, season=self.season_length,
-                            max_gap=self.max_gap, min_length=length, need=need)
+        prepared = self._series(frame)
         series = prepared.series
         if not series:
             reasons = "; ".join(f"{s['series']}: {s['reason']}" for s in prepared.skipped[:5]) or "the frame is empty"
@@ -631,7 +694,7 @@ class ForecastTask:
 
         names = [BASELINE] + [c for c in self.candidates if c != BASELINE]
         report: list[dict[str, Any]] = []
-        scored: dict[str, tuple[dict[str, float], np.ndarray]] = {}
+        scored: dict[str, tuple[dict[str, float], np.ndarray, np.ndarray]] = {}
         with Progress(disable=not self.progress, transient=False) as bar:
             task = bar.add_task("forecast", total=len(names) * folds + 1)
             for name in names:
@@ -647,12 +710,12 @@ class ForecastTask:
                     bad = np.flatnonzero(~np.isfinite(pred).all(axis=(1, 2)))
                     if len(bad):
                         raise ValueError(f"non-finite forecasts for {len(bad)} series, e.g. {series[bad[0]].key!r}")
-                except Exception as err:  # a third-party model failing must not end the run: it is reported
+                except Exception as err:  # noqa: BLE001 - a third-party model failing must not end the run: it is reported
                     report.append({"name": name, "error": f"{type(err).__name__}: {err}"})
                     bar.advance(task, folds - done)
                     continue
                 metrics, resid = _score(pred, actual, scale, self.quantiles)
-                scored[name] = (metrics, resid)
+                scored[name] = (metrics, resid, pred)
                 report.append({"name": name, **metrics, "seconds": round(time.monotonic() - started, 3)})
 
             choices = [c for c in self.candidates if c in scored]
@@ -702,5 +765,14 @@ class ForecastTask:
                          "max_gap": self.max_gap},
                 "backtest": {"folds": folds, "horizon": h, "series": n,
                              "scored_points": int(np.sum(~np.isnan(actual)))},
+                HOLDOUT_PREDICTIONS: pd.DataFrame({
+                    "series": np.repeat(np.array([s.key for s in series], dtype=object), h),
+                    "fold_start": pd.DatetimeIndex([f[0] for f in fold_batches[-1].future]).repeat(h),
+                    "step": np.tile(np.arange(h), n),
+                    "ts": fold_batches[-1].future[0].append(fold_batches[-1].future[1:]),
+                    "actual": actual[:, -1, :].reshape(-1),
+                    "prediction": scored[best][2][:, -1, :].reshape(-1),
+                    "scale": np.repeat(scale[:, -1], h),
+                }),
             },
         )

@@ -124,7 +124,11 @@ def run_training(
     version: Callable[[str], int],
     registry: Any,
 ) -> dict[str, Any]:
-    """Fit ``job`` on the lake and register the model; returns the registry's description of the version."""
+    """Fit ``job`` on the lake and register the model; returns the registry's description of the version.
+
+    The run records the newest reading it read (``trained_until``); the registry promotes the new
+    version only if it beats the champion on data newer than the champion's (the task's ``compare``).
+    """
     started = time.monotonic()
     names = tables()
     sql = training_sql(job, names, columns(job.table) if job.table in names else [])
@@ -136,14 +140,29 @@ def run_training(
         data_versions[LABELS] = version(LABELS)
     task = make_task(job.task, {k: v for k, v in job.options.items() if k != "label_window"})
     result: TrainResult = task.fit(frame)
-    rescore = (lambda model: task.evaluate(model, frame)) if hasattr(task, "evaluate") else None
+
+    def compare(champion: Any, since: pd.Timestamp | None) -> dict[str, Any]:
+        return task.compare(champion, frame, result, since)
+
     described = registry.log_training(
         job.name, result, data_versions=data_versions,
         params={"table": job.table, "where": job.where or "", **job.options, "rows": len(frame),
                 "train_seconds": round(time.monotonic() - started, 2)},
-        rescore=rescore,
+        trained_until=trained_until(frame, job.options.get("time_column", "ts")),
+        compare=compare,
     )
     return described
+
+
+def trained_until(frame: pd.DataFrame, column: str = "ts") -> pd.Timestamp | None:
+    """The newest timestamp in ``frame[column]`` (UTC), or None without that column or any value."""
+    if column not in frame.columns:
+        return None
+    try:
+        newest = pd.to_datetime(frame[column], utc=True).max()
+    except (TypeError, ValueError):
+        return None
+    return None if pd.isna(newest) else newest
 
 
 def score(

@@ -4,27 +4,39 @@ Tracking lives under the data dir by default (``sqlite:///<data_dir>/mlflow.db``
 ``<data_dir>/mlartifacts``), so ``mlflow ui --backend-store-uri sqlite:///<data_dir>/mlflow.db``
 shows our runs; a PostgreSQL URL works the same. MLflow is imported only here, and only when used.
 
-Promotion: a new version gets alias ``challenger``; it becomes ``champion`` only if it beats the
-current champion on the same holdout (the champion is re-scored on the new training's holdout when
-the task can do that, else their logged scores are compared and the run says so). The decision and
-both scores are logged as tags of the run.
+Every run records the newest reading it was trained on (tag ``iot2ml.trained_until``).
+
+Promotion: a new version gets alias ``challenger``; it becomes ``champion`` only if it strictly
+beats the current champion on the same holdout of data neither was trained on: the units of the
+new training's data newer than the champion's ``trained_until`` (``compare``, from the task). The
+new version is scored by predictions of a model that did not train on those units, the champion
+by predicting them. Without such a holdout (no newer data, too little, or a champion that cannot
+score it) the champion is kept and the reason says so. The decision, metric, both scores and the
+holdout are tags of the run (``iot2ml.promotion.*``). The first version is champion.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import NotFound, Transient
-from .base import TrainResult
+from .base import NoFairHoldout, TrainResult, iso, newer_than, utc
 
 log = logging.getLogger("iot2ml.ml")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+TRAINED_UNTIL = "iot2ml.trained_until"
+"""Run tag: the newest reading (ISO 8601, UTC) the version was trained on."""
+
+Compare = Callable[[Any, Any], dict[str, Any]]
+"""``compare(champion_model, since) -> {"new", "champion", "units", "holdout"}``; see ``Task.compare``."""
 
 
 def tracking_uri_for(data_dir: Path, configured: str | None = None) -> str:
@@ -71,11 +83,14 @@ class Registry:
         *,
         data_versions: dict[str, int],
         params: dict[str, Any] | None = None,
-        rescore: Any = None,
+        trained_until: Any = None,
+        compare: Compare | None = None,
     ) -> dict[str, Any]:
         """Log a run, register the model as a new version of ``name``, decide champion/challenger.
 
-        ``rescore(model) -> dict`` scores another model on this training's holdout (optional).
+        ``trained_until``: the newest reading of the training data (a timestamp, stored in UTC).
+        ``compare(champion_model, since)`` scores this version and the champion on this training's
+        data newer than ``since`` (the champion's ``trained_until``); without it the champion stays.
         """
         import mlflow
         import pandas as pd
@@ -96,6 +111,8 @@ class Registry:
                 "iot2ml.data_versions": json.dumps(data_versions),
                 "iot2ml.features": json.dumps(result.features),
             })
+            if trained_until is not None:
+                mlflow.set_tag(TRAINED_UNTIL, utc(trained_until).isoformat())
             for key, value in result.artifacts.items():
                 if isinstance(value, pd.DataFrame):
                     continue
@@ -113,18 +130,18 @@ class Registry:
                 signature=signature,
                 input_example=example,
                 registered_model_name=name,
+                pip_requirements=_requirements(),
             )
             version = str(info.registered_model_version)
-            decision = self._promote(name, version, result, rescore)
+            decision = self._promote(name, version, result, compare)
             mlflow.set_tags({f"iot2ml.promotion.{k}": str(v) for k, v in decision.items()})
             self.client.set_model_version_tag(name, version, "iot2ml.task", result.task)
             self.client.set_model_version_tag(name, version, "iot2ml.data_versions", json.dumps(data_versions))
             log.info("registered %s version %s (run %s): %s", name, version, run.info.run_id, decision["reason"])
         return self.describe(name, version)
 
-    def _promote(self, name: str, version: str, result: TrainResult, rescore: Any) -> dict[str, Any]:
+    def _promote(self, name: str, version: str, result: TrainResult, compare: Compare | None) -> dict[str, Any]:
         metric = result.primary_metric
-        mine = float(result.metrics[metric])
         self.client.set_registered_model_alias(name, CHALLENGER, version)
         try:
             champ = self.client.get_model_version_by_alias(name, CHAMPION)
@@ -132,31 +149,41 @@ class Registry:
             champ = None
         if champ is None:
             self.client.set_registered_model_alias(name, CHAMPION, version)
-            return {"champion": version, "metric": metric, "new_score": mine, "champion_score": "",
-                    "reason": "first version: champion"}
-        champ_score, how = None, "rescored on this holdout"
-        if rescore is not None:
-            try:
-                champ_model = self.load(name, CHAMPION, unwrap=True)
-                champ_score = float(rescore(champ_model)[metric])
-            except Exception as err:  # noqa: BLE001 - fall back to the logged score
-                log.warning("could not rescore the champion of %s: %s", name, err)
-        if champ_score is None:
-            run = self.client.get_run(champ.run_id)
-            champ_score = run.data.metrics.get(metric)
-            how = "logged score of its own holdout"
-        better = champ_score is None or (mine > champ_score if result.greater_is_better else mine < champ_score)
+            return {"champion": version, "metric": metric, "new_score": float(result.metrics[metric]),
+                    "champion_score": "", "reason": "first version: champion"}
+        since = self.client.get_run(champ.run_id).data.tags.get(TRAINED_UNTIL)
+        kept = {"champion": champ.version, "metric": metric, "new_score": "", "champion_score": "",
+                "compared_by": "not compared"}
+        override = f"champion v{champ.version} kept; deploy version {version} explicitly to override"
+        try:
+            if compare is None:
+                raise NoFairHoldout("this training passed no way to score the champion")
+            since = newer_than(since)  # raises when the champion did not record it
+            champion_model = self.load(name, CHAMPION, unwrap=True)
+            duel = compare(champion_model, since)
+            mine, theirs = float(duel["new"]), float(duel["champion"])
+            if not (math.isfinite(mine) and math.isfinite(theirs)):
+                raise NoFairHoldout(f"{metric} is not a number on {duel['holdout']} "
+                                    f"(this version {mine}, the champion {theirs})")
+        except NoFairHoldout as err:
+            return {**kept, "reason": f"{err}: {override}"}
+        except Exception as err:  # noqa: BLE001 - a failed comparison must not fail the training
+            log.warning("could not compare %s version %s with champion v%s: %s", name, version, champ.version, err)
+            return {**kept, "reason": f"comparison with the champion failed ({type(err).__name__}: {err}): {override}"}
+        better = mine > theirs if result.greater_is_better else mine < theirs
         if better:
             self.client.set_registered_model_alias(name, CHAMPION, version)
         return {
             "champion": version if better else champ.version,
             "metric": metric,
             "new_score": mine,
-            "champion_score": champ_score,
-            "compared_by": how,
-            "reason": (f"version {version} {metric}={mine:.4g} "
-                       f"{'beats' if better else 'does not beat'} champion v{champ.version} {metric}={champ_score:.4g}"
-                       if champ_score is not None else "champion had no score"),
+            "champion_score": theirs,
+            "holdout_units": int(duel["units"]),
+            "holdout": duel["holdout"],
+            "compared_by": f"same holdout: {int(duel['units'])} units newer than champion's data "
+                           f"({iso(since)})",
+            "reason": (f"version {version} {metric}={mine:.4g} {'beats' if better else 'does not beat'} "
+                       f"champion v{champ.version} {metric}={theirs:.4g} on {duel['holdout']}"),
         }
 
     def load(self, name: str, ref: str = CHAMPION, *, unwrap: bool = False) -> Any:
@@ -166,7 +193,7 @@ class Registry:
         uri = f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
         try:
             model = mlflow.pyfunc.load_model(uri)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise NotFound(f"no model {uri}: see 'iot2ml models list'") from err
         return model.unwrap_python_model().model if unwrap else model
 
@@ -187,6 +214,7 @@ class Registry:
             "primary_metric": run.data.tags.get("iot2ml.primary_metric"),
             "promotion": run.data.tags.get("iot2ml.promotion.reason"),
             "compared_by": run.data.tags.get("iot2ml.promotion.compared_by"),
+            "trained_until": run.data.tags.get(TRAINED_UNTIL),
             "run_id": mv.run_id,
         }
 
@@ -194,12 +222,30 @@ class Registry:
         out = []
         try:
             models = self.client.search_registered_models()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise Transient(f"MLflow tracking store {self.tracking_uri} cannot be read: {err}") from err
         for rm in models:
             for mv in self.client.search_model_versions(f"name='{rm.name}'"):
                 out.append(self.describe(rm.name, mv.version))
         return sorted(out, key=lambda m: (m["name"], m["version"]))
+
+
+_PACKAGES = ("iot2ml", "mlflow", "pandas", "numpy", "pyarrow", "scikit-learn", "lightgbm", "statsforecast",
+             "river", "cloudpickle")
+
+
+def _requirements() -> list[str]:
+    """What a model needs to load: the installed versions of our ML stack. Given explicitly, MLflow
+    does not infer them by importing the model in a subprocess (3-7 s per training)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in _PACKAGES:
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _is_number(v: Any) -> bool:
