@@ -61,6 +61,13 @@ class Registry:
         import mlflow
         from mlflow import MlflowClient
 
+        if artifact_root and artifact_root.startswith("s3://"):
+            import importlib.util
+
+            if importlib.util.find_spec("boto3") is None:
+                from ..core.errors import ConfigError
+
+                raise ConfigError(f"mlflow_artifact_root {artifact_root!r} needs boto3: pip install 'iot2ml[s3]'")
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
         self._mlflow = mlflow
