@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..auth import Guard, Principal
@@ -373,7 +373,8 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
         await asyncio.to_thread(deployments().remove, name, who=f"api:{who.name}")
         return Response(status_code=204)
 
-    @app.get("/metrics", summary="Prometheus metrics of every iot2ml process on this data dir")
+    @app.get("/metrics", summary="Prometheus metrics of every iot2ml process on this data dir",
+             response_class=PlainTextResponse)
     async def get_metrics() -> Response:
         from .metrics import render
 

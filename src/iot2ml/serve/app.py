@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..core.errors import AuthError, InvalidInput, Iot2mlError, NotFound
 from .runtime import ModelFailed, ServingRuntime
@@ -32,10 +32,10 @@ PREDICT_SCHEMA: dict[str, Any] = {
                            "series objects ({\"start\": ..., \"target\": [...]}).",
         },
         "configuration": {
-            "type": "object",
+            "type": ["object", "null"],
             "description": "Forecasts (DeepAR): {\"quantiles\": [\"0.1\", \"0.9\"], \"output_types\": [\"mean\", \"quantiles\"]}",
         },
-        "request_id": {"type": "string"},
+        "request_id": {"type": ["string", "null"]},
     },
 }
 
@@ -100,14 +100,15 @@ def add_predict_routes(app: FastAPI, runtime: ServingRuntime, guard: Any, *, max
         configuration = data.get("configuration")
         if configuration is not None and not isinstance(configuration, dict):
             return _json({"detail": "'configuration' must be an object"}, 422)
-        request_id = data.get("request_id") or request.headers.get("x-request-id")
+        request_id = data.get("request_id")
         if request_id is not None and not isinstance(request_id, str):
             return _json({"detail": "'request_id' must be a string"}, 422)
+        request_id = request_id or request.headers.get("x-request-id")
         key = who.name if who.kind == "device" else None
         if key is None and isinstance(data["instances"], list) and data["instances"] \
                 and isinstance(data["instances"][0], dict):
             device = data["instances"][0].get("device_id")
-            key = str(device) if device is not None else None
+            key = str(device) if isinstance(device, (str, int, float)) else None  # a list/object routes nothing
         try:
             answer = await runtime.predict(name, data["instances"], key=key, request_id=request_id,
                                            configuration=configuration)
@@ -115,7 +116,8 @@ def add_predict_routes(app: FastAPI, runtime: ServingRuntime, guard: Any, *, max
             return _json({"detail": str(err)}, error_status(err))
         return _json(answer.body())
 
-    @app.get("/api/v1/serving", summary="What this serving process answers with: variants, versions, figures")
+    @app.get("/api/v1/serving", summary="What this serving process answers with: variants, versions, figures",
+             responses={401: {"description": "No or unknown API key / device token"}})
     async def serving(request: Request) -> Response:
         auth = request.headers.get("authorization")
         token = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else None
@@ -167,7 +169,8 @@ def create_serve_app(settings: Any, *, catalog: Any, runtime: ServingRuntime, na
     async def healthz() -> dict[str, Any]:
         return {"ok": runtime.ready.is_set(), "deployments": sorted(runtime._specs)}
 
-    @app.get("/metrics", summary="Prometheus metrics of every iot2ml process on this data dir")
+    @app.get("/metrics", summary="Prometheus metrics of every iot2ml process on this data dir",
+             response_class=PlainTextResponse)
     async def metrics() -> Response:
         from ..api.metrics import render
 
