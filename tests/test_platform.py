@@ -54,7 +54,7 @@ def platform(tmp_path):
     out = open(tmp_path / "up.out", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "iot2ml", "up", "--data-dir", str(data), "--nats-port", "0", "--mqtt-port", "0",
-         "--http-port", "0"],
+         "--http-port", "0", "--serve-port", "0"],
         stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
     )
 
@@ -212,6 +212,40 @@ def test_simulate_cli_sends_to_the_running_platform(platform):
         wait_for(landed, timeout=30)
 
 
+def test_up_trains_deploys_and_answers_predictions_through_the_api(platform):
+    """The ML loop inside `up`: data in, a model trained and deployed with the CLI, answers through
+    the API port (forwarded to the serving child) and a row per answer in prediction_log."""
+    data = str(platform["data"])
+    iot2ml("simulate", "--scenario", "pump", "--devices", "3", "--rate", "20", "--duration", "3", "--data-dir", data,
+           timeout=90)
+    wait_for(lambda: json.loads(iot2ml("query", "SELECT count(*) FROM pump", "--format", "json", "--data-dir", data,
+                                       check=False).stdout or '{"rows": [[0]]}')["rows"][0][0] >= 150, timeout=30)
+    iot2ml("train", "anomaly", "--table", "pump", "--features", "pressure,flow,vibration", "--name", "pump-blockage",
+           "--data-dir", data, timeout=180)
+    iot2ml("deploy", "pump-blockage", "--data-dir", data)
+    url = f"{platform['http']}/api/v1/models/pump-blockage/predict"
+    headers = {"Authorization": f"Bearer {platform['admin_key']}"}
+    body = {"instances": [{"device_id": "pump-0000", "pressure": 4.8, "flow": 60.0, "vibration": 2.0},
+                          {"device_id": "pump-0000", "pressure": 9.9, "flow": 5.0, "vibration": 30.0}],
+            "request_id": "platform-1"}
+
+    def answered():
+        r = httpx.post(url, json=body, headers=headers, timeout=30)
+        return r.json() if r.status_code == 200 else None
+
+    out = wait_for(answered, timeout=60, every=0.5)  # the serving child picks the deployment up within a second
+    assert out["model"] == "pump-blockage" and out["version"] == 1 and out["variant"] == "primary"
+    normal, broken = out["predictions"]
+    assert broken["prediction"] is True and broken["score"] > normal["score"]
+
+    def logged():
+        res = iot2ml("query", "SELECT count(*) FROM prediction_log WHERE request_id LIKE 'platform-1/%'",
+                     "--format", "json", "--data-dir", data, check=False)
+        return res.returncode == 0 and json.loads(res.stdout)["rows"][0][0] == 2
+
+    wait_for(logged, timeout=30)
+
+
 def test_sigkill_of_up_takes_the_children_and_up_starts_again(platform, tmp_path):
     data = platform["data"]
     pids = [json.loads((data / "run" / f"{c}.json").read_text())["pid"] for c in ("broker", "ingest", "api", "scheduler")]
@@ -224,7 +258,7 @@ def test_sigkill_of_up_takes_the_children_and_up_starts_again(platform, tmp_path
         raise AssertionError(f"still running after SIGKILL of up: {left}") from None
     again = subprocess.Popen(
         [sys.executable, "-m", "iot2ml", "up", "--data-dir", str(data), "--nats-port", "0", "--mqtt-port", "0",
-         "--http-port", "0"], stdout=open(tmp_path / "again.out", "w"), stderr=subprocess.STDOUT)
+         "--http-port", "0", "--serve-port", "0"], stdout=open(tmp_path / "again.out", "w"), stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: "iot2ml is up" in (tmp_path / "again.out").read_text(), timeout=60)
     finally:
