@@ -27,6 +27,7 @@ import orjson
 
 from ..core.errors import Iot2mlError, NotFound
 from ..core.transport import STREAM, TELEMETRY_SUBJECT
+from .predictors import MAX_INSTANCES
 from .runtime import ServingRuntime
 
 log = logging.getLogger("iot2ml.serve")
@@ -241,11 +242,14 @@ class StreamScorer:
         by_device: dict[str, list[dict[str, Any]]] = {}
         for record in records:
             by_device.setdefault(str(record["device_id"]), []).append(record)
-        answers = await asyncio.gather(*(self._device(device, items) for device, items in by_device.items()))
+        # one call answers at most MAX_INSTANCES rows: a busy device's rows go in several
+        chunks = [(device, items[k:k + MAX_INSTANCES]) for device, items in by_device.items()
+                  for k in range(0, len(items), MAX_INSTANCES)]
+        answers = await asyncio.gather(*(self._device(device, items) for device, items in chunks))
         out: dict[str, list[Any]] = {name: [] for name in PREDICTION_SCHEMA.names}
         now = time.time()
         replies = []
-        for (device, items), (answer, error) in zip(by_device.items(), answers):
+        for (device, items), (answer, error) in zip(chunks, answers):
             for i, record in enumerate(items):
                 pred = _one(answer.predictions[i]) if answer is not None else {}
                 value = pred.get("prediction")
