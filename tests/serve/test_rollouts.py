@@ -104,3 +104,31 @@ def test_shadow_gets_every_request_but_never_answers(served):
             break
         time.sleep(0.1)
     assert stats["shadow"]["version"] == 2 and stats["shadow"]["requests_total"] >= 30
+
+
+def test_streamed_rows_routed_to_a_failing_canary_are_answered_by_the_primary(served):
+    """The columnar path of streaming deployments: per-device routing, fallback, figures per variant."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from iot2ml.components import serving_runtime
+
+    bad = register_faulty(served.bench, "wine", "raise")
+    served.deploy("wine", version="1")
+    served.deploy("wine", version=str(bad), canary=50, bake_seconds=600, rollback_on={"error_rate": 0.5})
+    rows = [{**instance(i), "device_id": f"st-{i % 20}", "_seq": i} for i in range(200)]
+    table = pa.Table.from_pylist(rows)
+
+    async def main():
+        runtime = serving_runtime(served.settings, served.catalog)
+        await runtime.refresh()
+        out = await runtime.predict_table("wine", table)
+        return out, runtime.stats.describe("wine")
+
+    out, stats = asyncio.run(main())
+    assert set(out["variant"]) == {"primary"} and set(out["version"]) == {1}
+    assert all(label in ("good", "better", "best") for label in out["label"])
+    assert all(0.3 <= p <= 1.0 for p in out["prediction"])
+    canary = [s for s in stats if s["variant"] == "canary"]
+    assert canary and canary[0]["errors_total"] >= 1 and canary[0]["version"] == bad

@@ -27,7 +27,6 @@ import orjson
 
 from ..core.errors import Iot2mlError, NotFound
 from ..core.transport import STREAM, TELEMETRY_SUBJECT
-from .predictors import MAX_INSTANCES
 from .runtime import ServingRuntime
 
 log = logging.getLogger("iot2ml.serve")
@@ -232,75 +231,51 @@ class StreamScorer:
             await reader.stop()
 
     async def _score(self, rows: Any, seq_hi: int) -> None:
+        """Score the decoded rows column-wise, append them to ``predictions`` with the stream mark,
+        then publish each answer to its device."""
         import pyarrow as pa
 
         from ..ml.jobs import PREDICTION_SCHEMA, PREDICTIONS
 
         loop = asyncio.get_running_loop()
-        records = rows.drop_columns([c for c in ("_seq", "received_at", "msg_id") if c in rows.column_names]
-                                    ).to_pylist()
-        by_device: dict[str, list[dict[str, Any]]] = {}
-        for record in records:
-            by_device.setdefault(str(record["device_id"]), []).append(record)
-        # one call answers at most MAX_INSTANCES rows: a busy device's rows go in several
-        chunks = [(device, items[k:k + MAX_INSTANCES]) for device, items in by_device.items()
-                  for k in range(0, len(items), MAX_INSTANCES)]
-        answers = await asyncio.gather(*(self._device(device, items) for device, items in chunks))
-        out: dict[str, list[Any]] = {name: [] for name in PREDICTION_SCHEMA.names}
-        now = time.time()
-        replies = []
-        for (device, items), (answer, error) in zip(chunks, answers):
-            for i, record in enumerate(items):
-                pred = _one(answer.predictions[i]) if answer is not None else {}
-                value = pred.get("prediction")
-                out["device_id"].append(device)
-                out["entity"].append(None)
-                out["ts"].append(record.get("ts"))
-                out["model"].append(self.name)
-                out["version"].append(answer.version if answer is not None else None)
-                out["task"].append(self.runtime.task_of(self.name, answer.version) if answer is not None else None)
-                out["prediction"].append(float(value) if isinstance(value, (int, float)) else
-                                         (pred.get("score") if isinstance(pred.get("score"), float) else None))
-                out["label"].append(None if isinstance(value, (int, float)) and not isinstance(value, bool)
-                                    else (None if value is None else str(value)))
-                extra = {k: v for k, v in pred.items() if k != "prediction"}
-                if error:
-                    extra = {"error": error}
-                out["scores"].append(orjson.dumps(extra).decode() if extra else None)
-                out["scored_at"].append(now)
-                replies.append((device, {"request_id": None, "ts": _iso(record.get("ts")), **pred,
-                                         "model": self.name, "version": answer.version if answer else None,
-                                         **({"error": error} if error else {})}))
-        n = len(out["device_id"])
+        n = rows.num_rows
+        try:
+            cols = await self.runtime.predict_table(self.name, rows)
+            error = None
+        except (Iot2mlError, PermissionError) as err:  # e.g. the table lacks a feature: rows say why
+            cols, error = None, str(err)
+        versions = cols["version"] if cols else [None] * n
+        task = self.runtime.task_of(self.name, next((v for v in versions if v is not None), -1)) if cols else None
+        now = pa.scalar(int(time.time() * 1_000_000), pa.timestamp("us", tz="UTC"))
         table = pa.table({
-            "device_id": pa.array(out["device_id"], pa.string()),
-            "entity": pa.array(out["entity"], pa.string()),
-            "ts": pa.array(out["ts"], pa.timestamp("us", tz="UTC")),
-            "model": pa.array(out["model"], pa.string()),
-            "version": pa.array(out["version"], pa.int64()),
-            "task": pa.array(out["task"], pa.string()),
-            "prediction": pa.array(out["prediction"], pa.float64()),
-            "label": pa.array(out["label"], pa.string()),
-            "scores": pa.array(out["scores"], pa.string()),
-            "scored_at": pa.array([int(t * 1_000_000) for t in out["scored_at"]], pa.timestamp("us", tz="UTC")),
+            "device_id": rows.column("device_id").cast(pa.string()),
+            "entity": pa.nulls(n, pa.string()),
+            "ts": rows.column("ts").cast(pa.timestamp("us", tz="UTC")),
+            "model": pa.array([self.name] * n, pa.string()),
+            "version": pa.array(versions, pa.int64()),
+            "task": pa.array([task] * n, pa.string()),
+            "prediction": pa.array(cols["prediction"] if cols else [None] * n, pa.float64()),
+            "label": pa.array(cols["label"] if cols else [None] * n, pa.string()),
+            "scores": pa.array(cols["scores"] if cols else [orjson.dumps({"error": error}).decode()] * n, pa.string()),
+            "scored_at": pa.repeat(now, n),
         }, schema=PREDICTION_SCHEMA)
         await loop.run_in_executor(None, lambda: self.runtime.lake.append(
             PREDICTIONS, table, app_id=self.app_id, version=seq_hi))
         self.scored += n
-        for device, reply in replies:
-            try:
-                await self.nc.publish(reply_subject(device), orjson.dumps(reply, default=str))
-            except Exception as err:  # noqa: BLE001 - the row is in the table; the device may read it there
-                log.warning("could not publish a streamed prediction to %s: %s", device, err)
-                break
-
-    async def _device(self, device: str, items: list[dict[str, Any]]) -> tuple[Any, str | None]:
-        instances = [{k: v for k, v in item.items() if k != "ts" and v is not None or k == "device_id"}
-                     for item in items]
+        devices = table.column("device_id").to_pylist()
+        stamps = rows.column("ts").to_pylist()
+        dumps = orjson.dumps
+        publish = self.nc.publish
         try:
-            return await self.runtime.predict(self.name, instances, key=device, source="stream", lenient=True), None
-        except (Iot2mlError, PermissionError) as err:
-            return None, str(err)
+            for k in range(n):
+                if cols:
+                    reply = {"request_id": None, "ts": _iso(stamps[k]), **cols["answers"][k], "model": self.name,
+                             "version": versions[k], "variant": cols["variant"][k]}
+                else:
+                    reply = {"request_id": None, "ts": _iso(stamps[k]), "model": self.name, "error": error}
+                await publish(reply_subject(devices[k]), dumps(reply, default=str))
+        except Exception as err:  # noqa: BLE001 - the rows are in the table; the devices may read them there
+            log.warning("could not publish streamed predictions: %s", err)
 
 
 def _iso(value: Any) -> Any:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..core.errors import InvalidInput
 
@@ -136,29 +137,74 @@ class TabularPredictor:
             matrix[i] = self._row(i, item)
         return Prepared(matrix, len(instances))
 
-    def predict_many(self, batch: list[Prepared]) -> list[list[Any]]:
-        matrix = batch[0].rows if len(batch) == 1 else np.vstack([p.rows for p in batch])
+    def _raw(self, matrix: np.ndarray) -> np.ndarray:
+        """Regress: the values; classify: the (rows, classes) probabilities."""
         estimator = self.model.estimator
         booster, params = _lightgbm_booster(estimator)
         if self.kind == "regress":
-            values = [{"prediction": float(v)}
-                      for v in (estimator.predict(matrix) if booster is None else booster.predict(matrix, **params))]
-        else:
-            if booster is None:
-                proba = estimator.predict_proba(matrix)
-            else:
-                proba = booster.predict(matrix, **params)
-                proba = proba if proba.ndim == 2 else np.column_stack([1.0 - proba, proba])  # binary: P(class 1)
-            classes = self.classes or []
-            best = proba.argmax(axis=1)
-            values = [{"prediction": _plain(classes[int(k)]),
-                       "probabilities": {str(c): round(float(p), 6) for c, p in zip(classes, row)}}
-                      for k, row in zip(best, proba)]
+            return np.asarray(estimator.predict(matrix) if booster is None else booster.predict(matrix, **params))
+        if booster is None:
+            return np.asarray(estimator.predict_proba(matrix))
+        proba = booster.predict(matrix, **params)
+        return proba if proba.ndim == 2 else np.column_stack([1.0 - proba, proba])  # binary: P(class 1)
+
+    def _answers(self, raw: np.ndarray) -> list[dict[str, Any]]:
+        if self.kind == "regress":
+            return [{"prediction": float(v)} for v in raw]
+        classes = self.classes or []
+        return [{"prediction": _plain(classes[int(k)]),
+                 "probabilities": {str(c): round(float(p), 6) for c, p in zip(classes, row)}}
+                for k, row in zip(raw.argmax(axis=1), raw)]
+
+    def predict_many(self, batch: list[Prepared]) -> list[list[Any]]:
+        matrix = batch[0].rows if len(batch) == 1 else np.vstack([p.rows for p in batch])
+        values = self._answers(self._raw(matrix))
         out, start = [], 0
         for p in batch:
             out.append(values[start:start + p.count])
             start += p.count
         return out
+
+    # ---- columnar path (streaming deployments: rows of a lake table) ----------------------
+    def prepare_table(self, table: Any) -> Prepared:
+        """The model matrix straight from Arrow columns (one reading per row)."""
+        missing = [f for f in self.features if f not in table.column_names]
+        if missing:
+            raise InvalidInput(f"table lacks feature {missing[0]!r}: the model takes {', '.join(self.features)}")
+        n = table.num_rows
+        values = [_float_column(table, f) for f in self.numeric]
+        cats = [_codes_column(table, c, codes) for c, codes in self.categorical.items()]
+        if not self.by_entity:
+            return Prepared(np.column_stack([*values, *cats]) if n else np.empty((0, self.n_columns)), n)
+        spread = np.full(n, np.nan)
+        parts = [col for v in values for col in (v, v, v, spread, v)]
+        return Prepared(np.column_stack([*parts, *cats, np.ones(n)]) if n else np.empty((0, self.n_columns)), n)
+
+    def score_table(self, prepared: Prepared) -> dict[str, Any]:
+        """Columns for the ``predictions`` table and the per-row answers to publish."""
+        raw = self._raw(prepared.rows) if prepared.count else np.empty((0,))
+        answers = self._answers(raw) if prepared.count else []
+        if self.kind == "regress":
+            return {"prediction": raw.astype(float), "label": None, "scores": None, "answers": answers}
+        best = raw.max(axis=1) if prepared.count else np.empty(0)
+        scores = [orjson.dumps(a["probabilities"]).decode() for a in answers]
+        return {"prediction": best, "label": [str(a["prediction"]) for a in answers], "scores": scores,
+                "answers": answers}
+
+
+def _float_column(table: Any, name: str) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = table.column(name)
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
+        raise InvalidInput(f"column {name!r} is {column.type}, not numeric: the model reads it as a number")
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(float, copy=False)
+
+
+def _codes_column(table: Any, name: str, codes: dict[str, float]) -> np.ndarray:
+    values = table.column(name).to_pylist()
+    return np.array([codes.get(str(v), math.nan) if v is not None else math.nan for v in values], dtype=float)
 
 
 def _lightgbm_booster(estimator: Any) -> tuple[Any, dict[str, Any]]:
@@ -218,6 +264,26 @@ class AnomalyPredictor:
             out.append(values[start:start + p.count])
             start += p.count
         return out
+
+    def prepare_table(self, table: Any) -> Prepared:
+        missing = [f for f in (*self.features, self.entity) if f not in table.column_names]
+        if missing:
+            raise InvalidInput(f"table lacks column {missing[0]!r}: the model takes {', '.join(self.features)} "
+                               f"and {self.entity!r}")
+        keys = [str(k) for k in table.column(self.entity).to_pylist()]
+        matrix = np.column_stack([_float_column(table, f) for f in self.features]) if table.num_rows \
+            else np.empty((0, len(self.features)))
+        return Prepared((keys, matrix), table.num_rows)
+
+    def score_table(self, prepared: Prepared) -> dict[str, Any]:
+        keys, matrix = prepared.rows
+        if not prepared.count:
+            return {"prediction": np.empty(0), "label": [], "scores": None, "answers": []}
+        scores = -self.model.forest.score_samples(self.model.scaler.transform(np.array(keys, dtype=object), matrix))
+        flags = scores > self.model.threshold
+        answers = [{"prediction": bool(f), "score": round(float(v), 6)} for f, v in zip(flags, scores)]
+        return {"prediction": scores, "label": ["anomaly" if f else "normal" for f in flags], "scores": None,
+                "answers": answers}
 
 
 class ForecastPredictor:

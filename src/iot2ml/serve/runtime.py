@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import orjson
 
 from ..core.errors import InvalidInput, Iot2mlError, NotFound
@@ -557,6 +558,80 @@ class ServingRuntime:
             asyncio.get_running_loop().create_task(
                 self._shadow(name, spec.shadow, instances, configuration, request_id, source, key))
         return Answer(name, version, variant.label, predictions, request_id)
+
+    async def predict_table(self, name: str, table: Any, *, source: str = "stream") -> dict[str, Any]:
+        """Score every row of an Arrow ``table`` (one reading per row, a ``device_id`` column) with the
+        variant each device is routed to; a failing canary or A/B variant falls back to the primary.
+        Returns per-row columns: ``version``, ``variant``, ``prediction``, ``label``, ``scores``, ``answers``."""
+        spec = self.spec(name)
+        n = table.num_rows
+        devices = [None if d is None else str(d) for d in table.column("device_id").to_pylist()]
+        routes = {d: spec.route(d, self._draw.random()) for d in set(devices)}
+        groups: dict[Variant, list[int]] = {}
+        for i, d in enumerate(devices):
+            groups.setdefault(routes[d], []).append(i)
+        out: dict[str, list[Any]] = {k: [None] * n for k in ("version", "variant", "prediction", "label", "scores",
+                                                                "answers")}
+        for variant, index in groups.items():
+            part = table if len(groups) == 1 else table.take(index)
+            started = time.perf_counter()
+            try:
+                version, cols = await self._score_table(name, variant, part, devices, index, source, started)
+                used = variant
+            except Exception as err:
+                self._record(name, variant, started, ok=False)
+                if variant.role == "primary" or spec.primary is None:
+                    raise ModelFailed(f"model {name} failed on {part.num_rows} rows: {type(err).__name__}: {err}") \
+                        from err
+                log.warning("%s variant %s failed on streamed rows (%s); the primary answers", name, variant.label, err)
+                used = spec.primary
+                version, cols = await self._score_table(name, used, part, devices, index, source, started)
+            for k, i in enumerate(index):
+                out["version"][i] = version
+                out["variant"][i] = used.label
+                out["prediction"][i] = None if cols["prediction"] is None else float(cols["prediction"][k])
+                out["label"][i] = None if cols["label"] is None else cols["label"][k]
+                out["scores"][i] = None if cols["scores"] is None else cols["scores"][k]
+                out["answers"][i] = cols["answers"][k]
+            if spec.shadow is not None:
+                asyncio.get_running_loop().create_task(self._shadow_table(name, spec.shadow, part, devices, index,
+                                                                          source))
+        return out
+
+    async def _score_table(self, name: str, variant: Variant, part: Any, devices: list[Any], index: list[int],
+                           source: str, started: float) -> tuple[int, dict[str, Any]]:
+        version = self.version_of(name, variant)
+        loaded = await self.cache.get(name, version)
+        if not hasattr(loaded.predictor, "prepare_table"):
+            raise InvalidInput(f"{loaded.task} models are not scored on a stream: use REST or 'iot2ml predict'")
+
+        def work() -> dict[str, Any]:
+            prepared = loaded.predictor.prepare_table(part)
+            cols = loaded.predictor.score_table(prepared)
+            matrix = prepared.rows if isinstance(prepared.rows, np.ndarray) else prepared.rows[1]
+            cols["hashes"] = [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in matrix]
+            return cols
+
+        cols = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        self._record(name, variant, started, ok=True, version=version)
+        if self.plog.lake is not None:
+            now = datetime.now(UTC)
+            latency = (time.perf_counter() - started) * 1000.0
+            seqs = part.column("_seq").to_pylist() if "_seq" in part.column_names else [None] * part.num_rows
+            dumps = orjson.dumps
+            self.plog.add([(now, f"{source}:{name}:{seq}", name, version, variant.label, source, devices[i], latency,
+                            h, dumps(a).decode(), True, None)
+                           for i, seq, h, a in zip(index, seqs, cols["hashes"], cols["answers"])])
+        return version, cols
+
+    async def _shadow_table(self, name: str, variant: Variant, part: Any, devices: list[Any], index: list[int],
+                            source: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self._score_table(name, variant, part, devices, index, source, started)
+        except Exception as err:  # noqa: BLE001 - a shadow never affects an answer
+            self._record(name, variant, started, ok=False)
+            log.info("%s shadow failed on streamed rows: %s", name, err)
 
     async def _shadow(self, name: str, variant: Variant, instances: list[dict[str, Any]],
                       configuration: dict[str, Any] | None, request_id: str, source: str, key: str | None) -> None:
