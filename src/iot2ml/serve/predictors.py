@@ -141,6 +141,8 @@ class TabularPredictor:
         """Regress: the values; classify: the (rows, classes) probabilities."""
         estimator = self.model.estimator
         booster, params = _lightgbm_booster(estimator)
+        if booster is not None and len(matrix) >= 2_000:  # a streamed batch: every core's worth
+            params = {**params, "num_threads": os.cpu_count() or 1}
         if self.kind == "regress":
             return np.asarray(estimator.predict(matrix) if booster is None else booster.predict(matrix, **params))
         if booster is None:
