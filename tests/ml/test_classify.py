@@ -129,3 +129,42 @@ def test_string_feature_is_categorical_and_entities_stay_in_one_fold() -> None:
     out = result.model.predict(unseen)
     assert list(out.columns) == ["unit", "prediction", "proba_False", "proba_True"]
     assert bool(out["prediction"].iloc[0]) is True  # south alarms from -0.5
+
+
+def test_rounds_come_from_early_stopping_and_are_logged(wine_result) -> None:
+    params = wine_result.params
+    best = params["lgbm_best_iterations"]
+    assert len(best) == params["folds"] and all(isinstance(b, int) and b >= 1 for b in best)
+    assert params["lgbm_n_estimators"] == max(10, round(float(np.median(best))))
+    assert params["lgbm_early_stopping"].startswith("every fold")
+    booster = wine_result.model.estimator.booster_
+    assert booster.num_trees() == params["lgbm_n_estimators"] * 3  # one tree per class and round
+    assert params["lgbm_n_estimators"] < 300  # 400 batches support far fewer than the old fixed 300
+    assert [f["best_iteration"] for f in wine_result.artifacts["folds"]] == best
+
+
+def test_a_rows_out_of_fold_prediction_ignores_its_own_label() -> None:
+    """Stopping uses only the fold's training part: changing one row's label moves other folds' models
+    (they train on it) but not the prediction the row got from the fold that held it out."""
+    rng = np.random.default_rng(5)
+    n = 600
+    frame = pd.DataFrame({"x1": rng.normal(0, 1, n), "x2": rng.normal(0, 1, n)})
+    frame["y"] = 2 * frame["x1"] - frame["x2"] ** 2 + rng.normal(0, 0.5, n)
+    task = RegressTask(label="y")
+    before = task.fit(frame).artifacts["holdout_predictions"]["prediction"].to_numpy()
+    changed = frame.copy()
+    changed.loc[17, "y"] = 1e4
+    after = task.fit(changed).artifacts["holdout_predictions"]["prediction"].to_numpy()
+    assert after[17] == before[17]
+    assert not np.allclose(np.delete(after, 17), np.delete(before, 17))  # the label did reach other folds
+
+
+def test_too_few_rows_to_stop_early_train_a_modest_fixed_count() -> None:
+    frame = wine_frame(30, seed=3)  # ~22 batches per fold's training part
+    result = ClassifyTask(label="quality", entity="batch_id").fit(frame)
+    params = result.params
+    assert params["lgbm_early_stopping"].startswith("off: 2") and "fewer than 30" in params["lgbm_early_stopping"]
+    assert params["lgbm_best_iterations"] == [None] * params["folds"]
+    assert params["lgbm_n_estimators"] == 100
+    assert result.model.estimator.booster_.num_trees() == 100 * len(params["classes"])
+    assert len(result.model.predict(frame)) == 30
