@@ -180,7 +180,7 @@ def role_train(data_dir: Path) -> None:
         "quality": np.where(score > 10.2, "best", np.where(score > 8.6, "better", "good")),
     })
     frame["received_at"] = frame["ts"]
-    frame["_seq"] = np.arange(n) + 1_000_000
+    frame["_seq"] = 0  # not from the broker's stream (its sequences start at 1)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     ts = pa.timestamp("us", tz="UTC")
     for col in ("ts", "received_at"):

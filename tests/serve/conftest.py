@@ -40,7 +40,7 @@ def wine_frame(n: int, seed: int) -> pd.DataFrame:
 def write(lake: Any, table: str, frame: pd.DataFrame, version: int) -> None:
     frame = frame.copy()
     frame["received_at"] = frame["ts"]
-    frame["_seq"] = np.arange(len(frame)) + version * 1_000_000
+    frame["_seq"] = 0  # not from the broker's stream (its sequences start at 1)
     t = pa.Table.from_pandas(frame, preserve_index=False)
     for col in ("ts", "received_at"):
         t = t.set_column(t.schema.get_field_index(col), col, t[col].cast(TS))

@@ -52,6 +52,16 @@ def mqtt_served(trained, make_broker):
     bench.registry.client.set_registered_model_alias("wine", "champion", "1")
     catalog.add_type("wine", exist_ok=True)
     broker = make_broker(settings)
+    # Streaming deployments score what the ingest commits: run the real ingest on this data dir.
+    import os
+    import subprocess
+    import sys
+
+    from iot2ml.supervisor import settings_env
+
+    ingest = subprocess.Popen([sys.executable, "-m", "iot2ml", "ingest"],
+                              env={**os.environ, **settings_env(settings), "IOT2ML_CONFIG": os.devnull},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     servers = []
 
     def start():
@@ -67,6 +77,8 @@ def mqtt_served(trained, make_broker):
     start.stop = stop
     yield settings, bench, catalog, deployments, broker, start
     stop()
+    ingest.terminate()
+    ingest.wait(30)
     catalog.close()
 
 
