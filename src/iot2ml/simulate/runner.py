@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import math
 import secrets
 import selectors
@@ -124,7 +125,11 @@ def run_simulation(
     finally:
         catalog.close()
 
-    models = [scenario.make_device(i, seed) for i in range(devices)]
+    # Wine stations and viscosity meters name their batches / samples after the device id: give them
+    # the id they send as (with --id-prefix it is not the scenario's default), so the references match.
+    named = "device_id" in inspect.signature(scenario.make_device).parameters
+    models = [scenario.make_device(i, seed, device_id=ids[i]) if named else scenario.make_device(i, seed)
+              for i in range(devices)]
     stats = SimulationStats(scenario.name, transport, devices, secrets.token_hex(3))
     fleet: _Fleet
     if transport == "mqtt":
