@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ServerThread, free_port, write
+from servekit import ServerThread, free_port, write
 
 from iot2ml.core.catalog import Catalog
 from iot2ml.ml.jobs import TrainJob

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from conftest import FEATURES, Served, ServerThread, free_port, instance
+from servekit import FEATURES, Served, ServerThread, free_port, instance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode

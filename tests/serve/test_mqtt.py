@@ -11,7 +11,7 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import ServerThread, free_port, instance
+from servekit import ServerThread, free_port, instance
 
 from iot2ml.core.catalog import Catalog
 from iot2ml.query import run_query

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import instance, run
+from servekit import instance, run
 
 from iot2ml.query import run_query
 

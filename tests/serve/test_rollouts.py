@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
-from conftest import instance, register_faulty
+from servekit import instance, register_faulty
 from test_rest import under_load
 
 
