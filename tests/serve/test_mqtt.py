@@ -125,6 +125,20 @@ def test_device_round_trip_over_mqtt(mqtt_served):
         _, reply = inbox_a.get(timeout=10)
         assert reply["request_id"] == f"r{i}"
     assert inbox_b.empty()
+
+    # A device of another type may not use this deployment.
+    catalog.add_type("pump", exist_ok=True)
+    dev_p = f"pump-x{time.monotonic_ns()}"
+    tok_p = catalog.add_device(dev_p, "pump")
+    broker.service.poke()
+    broker.wait_reload()
+    p, inbox_p = client(broker.mqtt_port, dev_p, tok_p, subscribe=f"devices/{dev_p}/predictions")
+    time.sleep(0.3)
+    p.publish(f"devices/{dev_p}/predict", json.dumps({"request_id": "p1", "model": "wine", **instance(1)}), qos=1)
+    _, reply = inbox_p.get(timeout=10)
+    assert reply["request_id"] == "p1" and "--devices pump" in reply["error"]
+    p.loop_stop()
+    p.disconnect()
     for c in (a, b):
         c.loop_stop()
         c.disconnect()

@@ -173,3 +173,18 @@ def test_loaded_models_are_bounded_by_count_and_memory(trained, max_models, max_
     assert cache.evictions == 2 and len(cache.describe()) == 1  # each load pushed the other out
     assert cache.describe()[0]["version"] == 1 and cache.describe()[0]["size_mb"] >= 1
     assert answers[0][1] == answers[2][1]  # v1 reloaded answers as before
+
+
+def test_devices_use_only_models_deployed_for_their_type(served):
+    served.catalog.add_type("wine", exist_ok=True)
+    served.catalog.add_type("pump", exist_ok=True)
+    wine_token = served.catalog.add_device(f"cellar-{time.monotonic_ns()}", "wine")
+    pump_token = served.catalog.add_device(f"pump-{time.monotonic_ns()}", "pump")
+    served.deploy("wine", devices="wine")
+    served.wait_serving("wine", lambda d: d["devices"] == "wine")
+    url = f"{served.url}/api/v1/models/wine/predict"
+    ok = httpx.post(url, json={"instances": [instance()]}, headers={"Authorization": f"Bearer {wine_token}"})
+    assert ok.status_code == 200, ok.text
+    denied = httpx.post(url, json={"instances": [instance()]}, headers={"Authorization": f"Bearer {pump_token}"})
+    assert denied.status_code == 403 and "--devices pump" in denied.json()["detail"]
+    assert httpx.post(url, json={"instances": [instance()]}, headers=served.headers).status_code == 200  # API key

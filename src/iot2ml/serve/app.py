@@ -105,6 +105,11 @@ def add_predict_routes(app: FastAPI, runtime: ServingRuntime, guard: Any, *, max
             return _json({"detail": "'request_id' must be a string"}, 422)
         request_id = request_id or request.headers.get("x-request-id")
         key = who.name if who.kind == "device" else None
+        if who.kind == "device":
+            try:
+                runtime.check_device(name, who.name, who.role)
+            except (Iot2mlError, PermissionError) as err:
+                return _json({"detail": str(err)}, error_status(err))
         if key is None and isinstance(data["instances"], list) and data["instances"] \
                 and isinstance(data["instances"][0], dict):
             device = data["instances"][0].get("device_id")

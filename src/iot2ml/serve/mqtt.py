@@ -102,15 +102,16 @@ async def run_device_channels(settings: Any, runtime: ServingRuntime, catalog: A
                 raise NotFound("request must be a JSON object of feature values")
             request_id = body.pop("request_id", None)
             name = body.pop("model", None)
-            if name is None:
+            kind = types.get(device)
+            if kind is None:  # registered a moment ago
+                await asyncio.get_running_loop().run_in_executor(None, types.refresh, [device])
                 kind = types.get(device)
-                if kind is None:
-                    await asyncio.get_running_loop().run_in_executor(None, types.refresh, [device])
-                    kind = types.get(device)
+            if name is None:
                 name = runtime.for_device_type(kind) if kind else None
                 if name is None:
                     raise NotFound(f"no 'model' in the request and no deployment bound to device type {kind!r}: "
                                    f"send \"model\" or run 'iot2ml deploy NAME --devices {kind or 'TYPE'}'")
+            runtime.check_device(str(name), device, kind)
             body.setdefault("device_id", device)
             result = await runtime.predict(str(name), [body], key=device,
                                            request_id=None if request_id is None else str(request_id), source="mqtt")
@@ -229,6 +230,17 @@ class StreamScorer:
             if not more:
                 seen_version = version
 
+    def _entity(self, rows: Any, versions: list[Any]) -> Any:
+        """The model's entity column (e.g. a wine ``batch_id``) as strings, else nulls."""
+        import pyarrow as pa
+
+        version = next((v for v in versions if v is not None), None)
+        loaded = self.runtime.cache.peek(self.name, version) if version is not None else None
+        column = getattr(loaded.predictor, "entity", None) if loaded is not None else None
+        if column and column in rows.column_names:
+            return rows.column(column).cast(pa.string())
+        return pa.nulls(rows.num_rows, pa.string())
+
     async def _score(self, rows: Any, seq_hi: int) -> None:
         """Score the decoded rows column-wise, append them to ``predictions`` with the stream mark,
         then publish each answer to its device."""
@@ -248,7 +260,7 @@ class StreamScorer:
         now = pa.scalar(int(time.time() * 1_000_000), pa.timestamp("us", tz="UTC"))
         table = pa.table({
             "device_id": rows.column("device_id").cast(pa.string()),
-            "entity": pa.nulls(n, pa.string()),
+            "entity": self._entity(rows, versions),
             "ts": rows.column("ts").cast(pa.timestamp("us", tz="UTC")),
             "model": pa.array([self.name] * n, pa.string()),
             "version": pa.array(versions, pa.int64()),

@@ -474,6 +474,14 @@ class ServingRuntime:
                            f"(deployed: {', '.join(sorted(self._specs)) or 'none'})")
         return spec
 
+    def check_device(self, name: str, device_id: str, device_type: str | None) -> None:
+        """A device may use only deployments bound to its type (``--devices TYPE`` or ``--stream TYPE``);
+        people and scripts (API keys) may use any. ``PermissionError`` says how to allow it."""
+        spec = self.spec(name)
+        if device_type is None or device_type not in (spec.devices, spec.stream):
+            raise PermissionError(f"device {device_id!r} (type {device_type!r}) may use only models deployed for "
+                                  f"its type: 'iot2ml deploy {name} --devices {device_type or 'TYPE'}' allows it")
+
     def for_device_type(self, device_type: str) -> str | None:
         for name, spec in self._specs.items():
             if spec.devices == device_type:
