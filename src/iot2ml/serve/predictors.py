@@ -160,12 +160,7 @@ class TabularPredictor:
 
     def predict_many(self, batch: list[Prepared]) -> list[list[Any]]:
         matrix = batch[0].rows if len(batch) == 1 else np.vstack([p.rows for p in batch])
-        values = self._answers(self._raw(matrix))
-        out, start = [], 0
-        for p in batch:
-            out.append(values[start:start + p.count])
-            start += p.count
-        return out
+        return split(self._answers(self._raw(matrix)), batch)
 
     # ---- columnar path (streaming deployments: rows of a lake table) ----------------------
     def prepare_table(self, table: Any) -> Prepared:
@@ -192,6 +187,15 @@ class TabularPredictor:
         scores = [orjson.dumps(a["probabilities"]).decode() for a in answers]
         return {"prediction": best, "label": [str(a["prediction"]) for a in answers], "scores": scores,
                 "answers": answers}
+
+
+def split(values: list[Any], batch: list[Prepared]) -> list[list[Any]]:
+    """The answers of one model call, back to the requests they came from (in order)."""
+    out, start = [], 0
+    for p in batch:
+        out.append(values[start:start + p.count])
+        start += p.count
+    return out
 
 
 def _float_column(table: Any, name: str) -> np.ndarray:
@@ -260,12 +264,7 @@ class AnomalyPredictor:
         matrix = np.vstack([p.rows[1] for p in batch])
         z = self.model.scaler.transform(keys, matrix)
         scores = -self.model.forest.score_samples(z)
-        values = [{"prediction": bool(s > self.model.threshold), "score": round(float(s), 6)} for s in scores]
-        out, start = [], 0
-        for p in batch:
-            out.append(values[start:start + p.count])
-            start += p.count
-        return out
+        return split([{"prediction": bool(s > self.model.threshold), "score": round(float(s), 6)} for s in scores], batch)
 
     def prepare_table(self, table: Any) -> Prepared:
         missing = [f for f in (*self.features, self.entity) if f not in table.column_names]
