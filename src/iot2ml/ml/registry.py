@@ -17,6 +17,8 @@ holdout are tags of the run (``iot2ml.promotion.*``). The first version is champ
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -61,6 +63,10 @@ class Registry:
         import mlflow
         from mlflow import MlflowClient
 
+        # MLflow configures its own logger on import; keep only its errors, and drop the advice to
+        # type-hint predict (our pyfunc takes whatever frame the task takes).
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method.*")
         if artifact_root and artifact_root.startswith("s3://"):
             import importlib.util
 
@@ -131,14 +137,15 @@ class Registry:
                     signature = infer_signature(example, utc_naive(result.model.predict(utc_aware(example))))
                 except Exception as err:  # noqa: BLE001 - a model without signature still serves
                     log.warning("no signature for %s: %s", name, err)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=TaskModel(result.model, result.task),
-                signature=signature,
-                input_example=example,
-                registered_model_name=name,
-                pip_requirements=_requirements(),
-            )
+            with _quiet_stderr():  # "Successfully registered model ..." is printed, not logged
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=TaskModel(result.model, result.task),
+                    signature=signature,
+                    input_example=example,
+                    registered_model_name=name,
+                    pip_requirements=_requirements(),
+                )
             version = str(info.registered_model_version)
             decision = self._promote(name, version, result, compare)
             mlflow.set_tags({f"iot2ml.promotion.{k}": str(v) for k, v in decision.items()})
@@ -235,6 +242,16 @@ class Registry:
             for mv in self.client.search_model_versions(f"name='{rm.name}'"):
                 out.append(self.describe(rm.name, mv.version))
         return sorted(out, key=lambda m: (m["name"], m["version"]))
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Any:
+    """Capture what MLflow prints to stderr; log it at debug level."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        yield
+    if buffer.getvalue().strip():
+        log.debug("mlflow: %s", buffer.getvalue().strip())
 
 
 _PACKAGES = ("iot2ml", "mlflow", "pandas", "numpy", "pyarrow", "scikit-learn", "lightgbm", "statsforecast",
