@@ -132,3 +132,34 @@ def test_streamed_rows_routed_to_a_failing_canary_are_answered_by_the_primary(se
     assert all(0.3 <= p <= 1.0 for p in out["prediction"])
     canary = [s for s in stats if s["variant"] == "canary"]
     assert canary and canary[0]["errors_total"] >= 1 and canary[0]["version"] == bad
+
+
+def test_streamed_predictions_carry_the_models_entity(served):
+    """A model trained per entity (a wine batch) writes that entity into the streamed predictions."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from iot2ml.components import serving_runtime
+    from iot2ml.ml.classify import ClassifyTask
+    from iot2ml.serve.mqtt import StreamScorer
+
+    frame = served.bench.read("SELECT * FROM wine")
+    frame["batch_id"] = [f"b{i}" for i in range(len(frame))]
+    result = ClassifyTask(label="quality", entity="batch_id", features=["alcohol", "volatile_acidity", "ph"],
+                          folds=3).fit(frame)
+    version = served.bench.registry.log_training("wine-batch", result, data_versions={"wine": 0})["version"]
+    served.deploy("wine-batch", version=str(version))
+    rows = pa.Table.from_pylist([{**instance(i), "device_id": "st-1", "batch_id": f"new-{i}", "_seq": i}
+                                 for i in range(5)])
+
+    async def main():
+        runtime = serving_runtime(served.settings, served.catalog)
+        await runtime.refresh()
+        out = await runtime.predict_table("wine-batch", rows)
+        scorer = StreamScorer(served.settings, runtime, None, None, "wine-batch", "wine")
+        return out, scorer._entity(rows, out["version"]).to_pylist()
+
+    out, entities = asyncio.run(main())
+    assert entities == [f"new-{i}" for i in range(5)]
+    assert all(label in ("good", "better", "best") for label in out["label"])
