@@ -90,8 +90,19 @@ def run_ingest_component(settings: Settings) -> None:
         catalog.close()
 
 
-def run_api_component(settings: Settings, *, port: int | None = None) -> None:
+def _run_http(settings: Settings, name: str, app: Any, port: int) -> None:
+    """Serve ``app`` with uvicorn on ``port``, recorded as component ``name`` in the run dir meanwhile."""
     import uvicorn
+
+    write_run_info(settings.data_dir, name, {"url": f"http://{settings.host}:{port}", "port": port})
+    try:
+        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5)
+    finally:
+        clear_run_info(settings.data_dir, name)
+
+
+def run_api_component(settings: Settings, *, port: int | None = None) -> None:
 
     from .api import create_app
     from .core.runtime import claim_port
@@ -99,13 +110,7 @@ def run_api_component(settings: Settings, *, port: int | None = None) -> None:
     use_metrics_dir(settings)
     port = claim_port(settings.host, settings.http_port if port is None else port, "--http-port")
     app = create_app(settings, nats_url=wait_for_broker(settings))
-    url = f"http://{settings.host}:{port}"
-    write_run_info(settings.data_dir, "api", {"url": url, "port": port})
-    try:
-        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=5)
-    finally:
-        clear_run_info(settings.data_dir, "api")
+    _run_http(settings, "api", app, port)
 
 
 def serving_runtime(settings: Settings, catalog: Any) -> Any:
@@ -122,7 +127,6 @@ def serving_runtime(settings: Settings, catalog: Any) -> Any:
 
 def run_serve_component(settings: Settings, *, port: int | None = None, broker: bool = True) -> None:
     """The serving runtime: REST predictions, and with the broker MQTT request/reply and streaming."""
-    import uvicorn
 
     from .core.catalog import Catalog
     from .core.runtime import claim_port
@@ -139,11 +143,7 @@ def run_serve_component(settings: Settings, *, port: int | None = None, broker: 
     catalog = Catalog(settings.catalog)
     runtime = serving_runtime(settings, catalog)
     app = create_serve_app(settings, catalog=catalog, runtime=runtime, nats_url=url if broker else None)
-    address = f"http://{settings.host}:{port}"
-    write_run_info(settings.data_dir, "serve", {"url": address, "port": port})
     try:
-        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=5)
+        _run_http(settings, "serve", app, port)
     finally:
-        clear_run_info(settings.data_dir, "serve")
         catalog.close()

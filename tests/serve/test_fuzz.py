@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from servekit import FEATURES, Served, ServerThread, free_port, instance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from servekit import FEATURES, Served, ServerThread, free_port, instance
 
 from iot2ml.core.catalog import Catalog
 from iot2ml.serve.deployments import Deployments

@@ -157,7 +157,7 @@ def test_streamed_predictions_carry_the_models_entity(served):
         runtime = serving_runtime(served.settings, served.catalog)
         await runtime.refresh()
         out = await runtime.predict_table("wine-batch", rows)
-        scorer = StreamScorer(served.settings, runtime, None, None, "wine-batch", "wine")
+        scorer = StreamScorer(runtime, None, "wine-batch", "wine")
         return out, scorer._entity(rows, out["version"]).to_pylist()
 
     out, entities = asyncio.run(main())

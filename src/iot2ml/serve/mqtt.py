@@ -148,7 +148,7 @@ async def run_device_channels(settings: Any, runtime: ServingRuntime, catalog: A
                     if running is not None and running[1].done() and not running[1].cancelled() \
                             and running[1].exception() is not None:
                         log.error("streaming deployment %s stopped: %s; restarting", name, running[1].exception())
-                    scorer = StreamScorer(settings, runtime, nc, types, name, spec.stream)
+                    scorer = StreamScorer(runtime, nc, name, spec.stream)
                     streams[name] = (spec.generation, asyncio.create_task(scorer.run()))
                     log.info("streaming deployment %s scores arriving %s rows", name, spec.stream)
             try:
@@ -172,9 +172,8 @@ class StreamScorer:
     POLL_SECONDS = 0.2
     MAX_ROWS = 100_000
 
-    def __init__(self, settings: Any, runtime: ServingRuntime, nc: Any, types: _DeviceTypes, name: str,
-                 table: str) -> None:
-        self.settings, self.runtime, self.nc, self.types = settings, runtime, nc, types
+    def __init__(self, runtime: ServingRuntime, nc: Any, name: str, table: str) -> None:
+        self.runtime, self.nc = runtime, nc
         self.name, self.table = name, table
         self.app_id = f"iot2ml-stream-{name}"
         self.scored = 0
