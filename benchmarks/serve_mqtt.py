@@ -52,6 +52,8 @@ from typing import Any
 
 import orjson
 
+from iot2ml.simulate.loadgen import _connect_packet, _utf8, _varint  # MQTT packets, as the simulator's
+
 TARGETS = {"mqtt_p99_ms_max": 20, "mqtt_rate": 1000, "stream_vs_ingest_min": 1.0}
 MODEL = "wine"
 FEATURES = ("alcohol", "volatile_acidity", "ph")
@@ -225,20 +227,6 @@ def role_echo(url: str) -> None:
 # --------------------------------------------------------------------------- a small MQTT client
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
 class Device(asyncio.Protocol):
     """One device's MQTT 3.1.1 connection: CONNECT, SUBSCRIBE (QoS 0), PUBLISH QoS 0/1; every PUBLISH it
     receives goes to ``on_message(payload, perf_counter at arrival)``."""
@@ -257,9 +245,7 @@ class Device(asyncio.Protocol):
     async def connect(cls, host: str, port: int, device_id: str, token: str, on_message: Any) -> Device:
         loop = asyncio.get_running_loop()
         _, proto = await loop.create_connection(lambda: cls(device_id, on_message), host, port)
-        body = _utf8("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 300)  # user+password, clean session
-        body += _utf8(f"bench-{device_id}") + _utf8(device_id) + _utf8(token)
-        proto.transport.write(b"\x10" + _varint(len(body)) + body)
+        proto.transport.write(_connect_packet(f"bench-{device_id}", device_id, token, keepalive=300))
         rc = await asyncio.wait_for(proto.connack, 10)
         if rc != 0:
             raise BenchError(f"MQTT CONNECT of {device_id} refused with return code {rc}")
