@@ -169,7 +169,7 @@ def role_train(data_dir: Path) -> None:
 
     from iot2ml.core.config import load_settings
     from iot2ml.ml.jobs import TrainJob
-    from iot2ml.workbench import Workbench
+    from iot2ml.ml.workbench import Workbench
 
     n, rng = 400, np.random.default_rng(1)
     alcohol = rng.normal(10.5, 1.2, n)

@@ -24,7 +24,7 @@ import pytest
 from iot2ml.core.config import load_settings
 from iot2ml.ml.jobs import TrainJob
 from iot2ml.query import run_query
-from iot2ml.workbench import Workbench
+from iot2ml.ml.workbench import Workbench
 
 BUCKET = "models"
 KEYS = {"AWS_ACCESS_KEY_ID": "iot2ml-test", "AWS_SECRET_ACCESS_KEY": "iot2ml-test-secret"}

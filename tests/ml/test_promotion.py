@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from iot2ml.ml.jobs import TrainJob
-from iot2ml.workbench import Workbench
+from iot2ml.ml.workbench import Workbench
 
 TS = pa.timestamp("us", tz="UTC")
 

@@ -4,7 +4,8 @@ import pytest
 
 from iot2ml.core.catalog import Catalog, Schedule, Schedules
 from iot2ml.core.errors import AlreadyExists, InvalidInput
-from iot2ml.scheduler import due, parse_duration, parse_train_args
+from iot2ml.core.timeutil import parse_duration
+from iot2ml.ml.scheduler import due, parse_train_args
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 

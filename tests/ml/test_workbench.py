@@ -10,8 +10,8 @@ import pytest
 
 from iot2ml.core.catalog import Catalog, Schedules
 from iot2ml.ml.jobs import TrainJob
-from iot2ml.scheduler import Scheduler
-from iot2ml.workbench import Workbench
+from iot2ml.ml.scheduler import Scheduler
+from iot2ml.ml.workbench import Workbench
 
 TS = pa.timestamp("us", tz="UTC")
 

@@ -20,7 +20,7 @@ import pytest
 from iot2ml.core.catalog import Catalog
 from iot2ml.ml.jobs import TrainJob
 from iot2ml.serve.deployments import Deployments, build_spec
-from iot2ml.workbench import Workbench
+from iot2ml.ml.workbench import Workbench
 
 TS = pa.timestamp("us", tz="UTC")
 FEATURES = ("alcohol", "volatile_acidity", "ph")

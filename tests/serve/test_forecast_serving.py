@@ -13,7 +13,7 @@ from servekit import ServerThread, free_port, write
 from iot2ml.core.catalog import Catalog
 from iot2ml.ml.jobs import TrainJob
 from iot2ml.serve.deployments import Deployments, build_spec
-from iot2ml.workbench import Workbench
+from iot2ml.ml.workbench import Workbench
 
 HOURS = 24 * 12
 

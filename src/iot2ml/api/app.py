@@ -99,7 +99,7 @@ class DeployRequest(BaseModel):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str):
-            from ..scheduler import parse_duration
+            from ..core.timeutil import parse_duration
 
             try:
                 return parse_duration(value)
@@ -292,7 +292,7 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
 
     def workbench() -> Any:
         if "workbench" not in state:
-            from ..workbench import Workbench
+            from ..ml.workbench import Workbench
 
             state["workbench"] = Workbench(settings)
         return state["workbench"]

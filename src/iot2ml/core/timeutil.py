@@ -56,3 +56,21 @@ def to_epoch_us(value: object) -> int:
 def now_us() -> int:
     """Microseconds since the epoch, now."""
     return int(datetime.now(timezone.utc).timestamp() * 1_000_000)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``2d`` or plain seconds.
+
+    >>> parse_duration("1h"), parse_duration("90s"), parse_duration("15")
+    (3600.0, 90.0, 15.0)
+    """
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in _UNITS:
+            return float(text[:-1]) * _UNITS[text[-1]]
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"duration {text!r} is not valid: use e.g. 90s, 30m, 1h or 2d") from None

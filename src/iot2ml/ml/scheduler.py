@@ -15,29 +15,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from .core.catalog import Catalog, Schedule, Schedules
-from .core.config import Settings
-from .core.errors import InvalidInput, Iot2mlError
-from .core.runtime import clear_run_info, write_run_info
+from ..core.catalog import Catalog, Schedule, Schedules
+from ..core.config import Settings
+from ..core.errors import InvalidInput, Iot2mlError
+from ..core.runtime import clear_run_info, write_run_info
+from ..core.timeutil import parse_duration
 
 log = logging.getLogger("iot2ml.scheduler")
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """``90s``, ``30m``, ``1h``, ``2d`` or plain seconds.
-
-    >>> parse_duration("1h"), parse_duration("90s"), parse_duration("15")
-    (3600.0, 90.0, 15.0)
-    """
-    text = text.strip().lower()
-    try:
-        if text and text[-1] in _UNITS:
-            return float(text[:-1]) * _UNITS[text[-1]]
-        return float(text)
-    except ValueError:
-        raise InvalidInput(f"duration {text!r} is not valid: use e.g. 90s, 30m, 1h or 2d") from None
 
 
 def parse_train_args(text: str, *, default_name: str) -> dict[str, Any]:
@@ -70,7 +54,7 @@ def parse_train_args(text: str, *, default_name: str) -> dict[str, Any]:
         i += 2
     if "table" not in job:
         raise InvalidInput("--train needs --table")
-    from .ml.jobs import TrainJob
+    from .jobs import TrainJob
 
     TrainJob(task=job["task"], table=job["table"], name=job["name"], options=job["options"], where=job["where"])
     return job
@@ -128,7 +112,7 @@ class Scheduler:
 
     def tick(self) -> list[dict[str, Any]]:
         """Run every due schedule once; returns what ran."""
-        from .ml.jobs import TrainJob
+        from .jobs import TrainJob
 
         ran = []
         for schedule in self.schedules.list():

@@ -1,17 +1,17 @@
-"""Composition of the ML workbench: lake reads for training, MLflow registry, labels, batch scoring."""
+"""Composition of the ML workbench (the lake and SQL are its only edges out of ``ml``): lake reads for training, MLflow registry, labels, batch scoring."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .core.config import Settings
+from ..core.config import Settings
 
 
 class Workbench:
     """Everything ``iot2ml train / models / labels / predict`` needs, built from the settings."""
 
     def __init__(self, settings: Settings) -> None:
-        from .lake import Lake
+        from ..lake import Lake
 
         self.settings = settings
         self.lake = Lake(settings.lake, settings.lake_storage_options)
@@ -20,7 +20,7 @@ class Workbench:
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            from .ml.registry import Registry, tracking_uri_for
+            from .registry import Registry, tracking_uri_for
 
             self._registry = Registry(tracking_uri_for(self.settings.data_dir, self.settings.mlflow_tracking_uri),
                                       artifact_root=self.settings.mlflow_artifact_root
@@ -28,9 +28,9 @@ class Workbench:
         return self._registry
 
     def read(self, sql: str) -> Any:
-        from .query import query_arrow
-
         import pandas as pd
+
+        from ..query import query_arrow
 
         frame = query_arrow(self.lake, sql, timeout=max(self.settings.query_timeout, 600)).to_pandas()
         for col in frame.columns:  # one spelling of UTC ("Etc/UTC" and "UTC" do not concatenate)
@@ -46,7 +46,7 @@ class Workbench:
         return int(self.lake.open(table).version())
 
     def train(self, job: Any) -> dict[str, Any]:
-        from .ml.jobs import run_training
+        from .jobs import run_training
 
         return run_training(job, read=self.read, tables=self.lake.tables, columns=self.columns,
                             version=self.version, registry=self.registry)
@@ -56,7 +56,7 @@ class Workbench:
 
     def import_labels(self, rows: list[dict], *, entity_column: str, label_column: str, table: str | None,
                       source: str, who: str, time_column: str | None = None) -> int:
-        from .ml.labels import append_labels, known_entities, validate_labels
+        from .labels import append_labels, known_entities, validate_labels
 
         known = known_entities(self.lake, table, entity_column) if table else None
         validated = validate_labels(rows, entity_column=entity_column, label_column=label_column,
@@ -67,7 +67,7 @@ class Workbench:
 
     def predict(self, name: str, *, table: str, where: str | None = None, ref: str = "champion") -> dict[str, Any]:
         """Score rows of ``table`` with ``name@ref`` into the ``predictions`` table."""
-        from .ml.jobs import PREDICTIONS, score
+        from .jobs import PREDICTIONS, score
 
         described = self._resolve(name, ref)
         model = self.registry.load(name, str(described["version"]), unwrap=True)
@@ -82,7 +82,7 @@ class Workbench:
         return {"model": name, "version": described["version"], "rows": rows.num_rows, "table": PREDICTIONS}
 
     def _resolve(self, name: str, ref: str) -> dict[str, Any]:
-        from .core.errors import NotFound
+        from ..core.errors import NotFound
 
         for m in self.models():
             if m["name"] == name and (str(m["version"]) == str(ref) or ref in m["aliases"]):

@@ -1,0 +1,112 @@
+"""Devices, API keys and device types."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ._common import (
+    AsJson,
+    CatalogUrl,
+    DataDir,
+    _catalog,
+    _poke_broker,
+    _run,
+    app,
+    console,
+)
+
+devices_app = typer.Typer(no_args_is_help=True, help="Register, list and revoke devices.")
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP API.")
+
+types_app = typer.Typer(no_args_is_help=True, help="Device types and their declared schemas.")
+app.add_typer(devices_app, name="devices")
+app.add_typer(keys_app, name="keys")
+app.add_typer(types_app, name="types")
+
+
+@devices_app.command("add")
+def devices_add(
+    device_id: str, type: Annotated[str, typer.Option("--type", help="Device type = curated table name.")],
+    rotate: Annotated[bool, typer.Option(help="Issue a new token for an existing device.")] = False,
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Register a device and print its token (shown once; only a hash is stored)."""
+    settings, catalog = _catalog(data_dir, catalog_url)
+    token = _run(catalog.add_device, device_id, type, rotate=rotate)
+    _poke_broker(settings)
+    if as_json:
+        print(json.dumps({"device_id": device_id, "token": token}))
+    else:
+        console.print(f"device [bold]{device_id}[/] (type {type}) token: {token}")
+
+@devices_app.command("remove")
+def devices_remove(device_id: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Revoke a device: its token stops working at once; its data stays."""
+    settings, catalog = _catalog(data_dir, catalog_url)
+    _run(catalog.remove_device, device_id)
+    _poke_broker(settings)
+    console.print(f"device {device_id} revoked")
+
+@devices_app.command("list")
+def devices_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List devices."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = [{"device_id": d.device_id, "type": d.type, "active": d.active} for d in catalog.list_devices()]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table("device_id", "type", "active")
+    for r in rows:
+        table.add_row(r["device_id"], r["type"], "yes" if r["active"] else "revoked")
+    console.print(table)
+
+@keys_app.command("add")
+def keys_add(
+    name: str, role: Annotated[str, typer.Option(help="admin or reader.")] = "admin",
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Create an API key for the HTTP API and print it (shown once)."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    key = _run(catalog.add_key, name, role)
+    if as_json:
+        print(json.dumps({"name": name, "key": key}))
+    else:
+        console.print(f"API key [bold]{name}[/] ({role}): {key}")
+
+@keys_app.command("remove")
+def keys_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Delete an API key."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    _run(catalog.remove_key, name)
+    console.print(f"API key {name} removed")
+
+@keys_app.command("list")
+def keys_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List API key names and roles."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = [{"name": n, "role": r} for n, r in catalog.list_keys()]
+    print(json.dumps(rows)) if as_json else [console.print(f"{r['name']}\t{r['role']}") for r in rows]
+
+@types_app.command("add")
+def types_add(
+    name: str,
+    schema: Annotated[str | None, typer.Option(help="Declared columns, e.g. 'pressure:float,count:int'.")] = None,
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Create a device type, optionally declaring column types up front."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    t = _run(catalog.add_type, name, schema, exist_ok=True)
+    console.print(f"type {t.name}: {t.schema or 'columns discovered from data'}")
+
+@types_app.command("list")
+def types_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List device types."""
+    _, catalog = _catalog(data_dir, catalog_url)
+    rows = [{"name": t.name, "schema": t.schema} for t in catalog.list_types()]
+    print(json.dumps(rows)) if as_json else [console.print(f"{r['name']}\t{r['schema'] or '-'}") for r in rows]
