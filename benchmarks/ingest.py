@@ -28,6 +28,7 @@ from pathlib import Path
 
 import orjson
 
+from iot2ml.auth.store import Devices
 from iot2ml.broker.service import BrokerService
 from iot2ml.core.catalog import Catalog
 from iot2ml.core.config import load_settings
@@ -69,11 +70,12 @@ class Bench:
     def __init__(self, root: Path) -> None:
         self.settings = load_settings(data_dir=root / "data", nats_port=0, mqtt_port=0, http_port=0,
                                       flush_interval=0.25)
-        self.broker = BrokerService(self.settings)
+        self.catalog = Catalog(self.settings.catalog)
+        devices = Devices(self.catalog)
+        self.broker = BrokerService(self.settings, devices)
         self.broker.start()
         threading.Thread(target=self.broker.watch, daemon=True).start()
-        self.catalog = Catalog(self.settings.catalog)
-        self.token = self.catalog.add_device("bench-0", "bench")
+        self.token = devices.add_device("bench-0", "bench")
         self.broker.poke()
         time.sleep(1.5)
         self.lake = Lake(self.settings.lake)

@@ -412,17 +412,18 @@ class Bench:
         return trained
 
     def register_devices(self) -> None:
+        from iot2ml.auth.store import Devices
         from iot2ml.core.catalog import Catalog
         from iot2ml.core.config import load_settings
 
         settings = load_settings(data_dir=self.data_dir, nats_port=0, mqtt_port=0, http_port=0, serve_port=0)
         catalog = Catalog(settings.catalog)
         try:
-            catalog.add_type("wine", exist_ok=True)
+            Devices(catalog).add_type("wine", exist_ok=True)
             names = [f"rr-{k:02d}" for k in range(self.args.devices)]
             names += [f"st-{k}" for k in range(self.args.publishers)] + ["probe"]
             for name in names:
-                self.tokens[name] = catalog.add_device(name, "wine")
+                self.tokens[name] = Devices(catalog).add_device(name, "wine")
         finally:
             catalog.close()
         say(f"registered {len(self.tokens)} devices of type wine")

@@ -85,9 +85,12 @@ class RunningBroker:
     """The embedded broker run in-process (the nats-server child is real)."""
 
     def __init__(self, settings: Settings) -> None:
+        from iot2ml.auth.store import Devices
         from iot2ml.broker.service import BrokerService
+        from iot2ml.core.catalog import Catalog
 
-        self.service = BrokerService(settings)
+        self.catalog = Catalog(settings.catalog)
+        self.service = BrokerService(settings, Devices(self.catalog))
         self.service.start()
         self.thread = threading.Thread(target=self.service.watch, kwargs={"poll": 0.2}, daemon=True)
         self.thread.start()
@@ -103,7 +106,7 @@ class RunningBroker:
     def wait_reload(self) -> None:
         """Wait until the broker has applied the catalog's latest version."""
         deadline = time.monotonic() + 5
-        while self.service.catalog.version() != self.service._seen_version and time.monotonic() < deadline:
+        while self.service.devices.version() != self.service._seen_version and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # nats-server applies SIGHUP asynchronously
 
@@ -111,6 +114,7 @@ class RunningBroker:
         self.service.stop()
         self.thread.join(5)
         self.service.close()
+        self.catalog.close()
 
 
 @pytest.fixture

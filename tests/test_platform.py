@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -167,15 +168,86 @@ def test_up_restarts_a_child_that_dies(platform):
     wait_for(restarted, timeout=30)
 
 
-def test_up_names_the_busy_port_and_the_flag(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        out = iot2ml("up", "--data-dir", str(tmp_path / "d"), "--mqtt-port", str(port), "--nats-port", "0",
-                     "--http-port", "0", check=False)
+def test_busy_ports_named_at_once_then_the_suggested_command_detaches_and_down_stops_it(tmp_path):
+    """The newcomer on a machine with Mosquitto and NATS running: one error naming both ports and one
+    command line that works; `up --detach` returns once everything answers, `down` stops it all."""
+    data = tmp_path / "d"
+    with socket.socket() as a, socket.socket() as b:
+        for s in (a, b):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        nats, mqtt = a.getsockname()[1], b.getsockname()[1]
+        out = iot2ml("up", "--detach", "--data-dir", str(data), "--mqtt-port", str(mqtt), "--nats-port", str(nats),
+                     "--http-port", "0", "--serve-port", "0", check=False)
+        assert out.returncode == 2
+        text = " ".join(out.stderr.split())
+        found = re.search(rf"ports {nats} \(--nats-port\), {mqtt} \(--mqtt-port\) are already in use: run `([^`]+)`",
+                          text)
+        assert found, text
+        argv = shlex.split(found.group(1))
+        assert argv[:3] == ["iot2ml", "up", "--detach"]
+
+        started = time.monotonic()
+        up = json.loads(iot2ml(*argv[1:], "--json", timeout=120).stdout)  # the ports are still busy meanwhile
+    took = time.monotonic() - started
+    assert up["nats_port"] == int(argv[argv.index("--nats-port") + 1]) != nats
+    assert up["mqtt_port"] == int(argv[argv.index("--mqtt-port") + 1]) != mqtt
+    assert up["admin_key"] == (data / "secrets" / "admin.key").read_text().strip()
+    pids = {c: json.loads((data / "run" / f"{c}.json").read_text())["pid"]
+            for c in ("broker", "ingest", "api", "scheduler", "serve")}
+    assert all(alive(p) for p in pids.values()), f"not every component answered when up returned after {took:.1f} s"
+    assert "iot2ml is up" in (data / "run" / "up.log").read_text()
+
+    # At once usable: a simulation, then the rows over the SDK with real timestamps.
+    sim = iot2ml("simulate", "--scenario", "pump", "--devices", "2", "--rate", "10", "--duration", "1",
+                 "--data-dir", str(data), timeout=90)
+    assert "sent 20, acknowledged 20, failed 0" in sim.stdout and "stored 20 in table pump" in sim.stdout
+    from iot2ml import Client
+
+    df = Client(up["urls"]["http"], up["admin_key"]).query("SELECT ts, received_at, _seq, date_trunc('hour', ts) AS h,"
+                                                           " device_id FROM pump")
+    assert df.height == 20
+    for column in ("ts", "received_at", "h"):
+        assert str(df.schema[column]) == "Datetime(time_unit='us', time_zone='UTC')", df.schema
+    assert str(df.schema["_seq"]).startswith("Int") and str(df.schema["device_id"]) == "String"
+
+    down = iot2ml("down", "--data-dir", str(data), timeout=90)
+    assert "stopped broker, ingest, api, scheduler, serve" in down.stdout
+    assert not alive(up["pid"]) and not any(alive(p) for p in pids.values())
+    assert "nothing runs" in iot2ml("down", "--data-dir", str(data)).stdout
+
+
+def test_simulate_waits_for_a_platform_that_is_starting(tmp_path):
+    """`iot2ml up ... &` then `iot2ml simulate` at once: it waits for the platform instead of failing."""
+    data = tmp_path / "data"
+    out = open(tmp_path / "up.out", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "iot2ml", "up", "--data-dir", str(data), "--nats-port", "0",
+                             "--mqtt-port", "0", "--http-port", "0", "--serve-port", "0"], stdout=out,
+                            stderr=subprocess.STDOUT)
+    try:
+        sim = iot2ml("simulate", "--scenario", "pump", "--devices", "2", "--rate", "10", "--duration", "1",
+                     "--data-dir", str(data), timeout=120)
+        assert "waiting for the platform to start" in sim.stderr
+        assert "sent 20, acknowledged 20, failed 0" in sim.stdout and "stored 20 in table pump" in sim.stdout
+        # `down` stops an `up` running in the foreground too.
+        assert "stopped broker" in iot2ml("down", "--data-dir", str(data), timeout=90).stdout
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    banner = (tmp_path / "up.out").read_text().splitlines()
+    mqtt = [line for line in banner if line.strip().startswith("MQTT")]
+    assert len(mqtt) == 1 and mqtt[0].endswith("password <token>)"), banner  # one line in a log
+
+
+def test_simulate_without_a_platform_says_what_to_start(tmp_path):
+    out = iot2ml("simulate", "--scenario", "pump", "--data-dir", str(tmp_path / "none"), check=False, timeout=90,
+                 env={**os.environ, "IOT2ML_PLATFORM_WAIT": "2"})
     assert out.returncode == 2
-    assert f"port {port} is already in use: pass --mqtt-port" in out.stderr.replace("\n", " ")
+    text = " ".join(out.stderr.split())
+    assert "waiting for the platform to start" in text
+    assert f"no running broker found under {tmp_path / 'none'}: start the platform with 'iot2ml up --detach" in text
+    assert "(waited 2 s)" in text
 
 
 def test_quick_start_runs_the_demo(tmp_path):
@@ -214,7 +286,7 @@ def test_simulate_cli_sends_to_the_running_platform(platform):
 
 def test_up_trains_deploys_and_answers_predictions_through_the_api(platform):
     """The ML loop inside `up`: data in, a model trained and deployed with the CLI, answers through
-    the API port (forwarded to the serving child) and a row per answer in prediction_log."""
+    the API port (its own serving runtime) and a row per answer in prediction_log."""
     data = str(platform["data"])
     iot2ml("simulate", "--scenario", "pump", "--devices", "3", "--rate", "20", "--duration", "3", "--data-dir", data,
            timeout=90)
@@ -233,7 +305,8 @@ def test_up_trains_deploys_and_answers_predictions_through_the_api(platform):
         r = httpx.post(url, json=body, headers=headers, timeout=30)
         return r.json() if r.status_code == 200 else None
 
-    out = wait_for(answered, timeout=60, every=0.5)  # the serving child picks the deployment up within a second
+    out = answered()  # 'deploy' returned once the serving processes (serve and the API) serve it
+    assert out is not None
     assert out["model"] == "pump-blockage" and out["version"] == 1 and out["variant"] == "primary"
     normal, broken = out["predictions"]
     assert broken["prediction"] is True and broken["score"] > normal["score"]

@@ -18,8 +18,8 @@ def test_module_exports():
     assert sorted(query.__all__) == ["QueryResult", "list_tables", "query_arrow", "run_query"]
     assert sorted(ingest.__all__) == ["Decoded", "Decoder", "InMessage"]
     assert sorted(broker.__all__) == ["EmbeddedNats", "nats_server_binary", "render_config"]
-    assert sorted(auth.__all__) == ["Guard", "Principal"]
-    assert api.__all__ == ["create_app"]
+    assert sorted(auth.__all__) == ["Devices", "Guard", "Keys", "Principal"]
+    assert api.__all__ == ["create_app", "create_serve_app"]
     assert {"run_simulation", "get_scenario", "SCENARIOS"} <= set(simulate.__all__)
     from iot2ml import ml
 

@@ -3,6 +3,10 @@
 >>> import iot2ml
 >>> client = iot2ml.Client("http://127.0.0.1:8080", "i2m_...")   # doctest: +SKIP
 >>> client.query("SELECT device_id, avg(pressure) FROM pump GROUP BY 1")   # doctest: +SKIP
+
+``query`` gives timestamps (``ts``, ``received_at``, ``date_trunc(...)``) as UTC datetimes: the API
+sends them as RFC 3339 text ending in ``Z``, and a column whose every value has that form is
+parsed back.
 """
 
 from __future__ import annotations
@@ -57,8 +61,14 @@ class Client:
 
         body = self._call("POST", "/api/v1/query", json={"sql": sql})
         columns = body["columns"]
-        data = {c: [row[i] for row in body["rows"]] for i, c in enumerate(columns)}
-        return pl.DataFrame(data, strict=False) if columns else pl.DataFrame()
+        if not columns:
+            return pl.DataFrame()
+        frame = pl.DataFrame({c: [row[i] for row in body["rows"]] for i, c in enumerate(columns)}, strict=False)
+        timestamps = [c for c in frame.columns if _is_timestamp_text(frame[c])]
+        return frame.with_columns(
+            pl.col(c).str.to_datetime(format="%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us", time_zone="UTC")
+            for c in timestamps
+        )
 
     def tables(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/tables")
@@ -73,3 +83,14 @@ class Client:
         r = self._call("POST", f"/api/v1/devices/{device_id}/telemetry", json=readings,
                        headers={"Authorization": f"Bearer {token}"})
         return int(r["accepted"])
+
+
+_RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
+"""How the API writes a timestamp (``query.sql``: UTC, ISO 8601, ``Z``)."""
+
+
+def _is_timestamp_text(column: Any) -> bool:
+    import polars as pl
+
+    values = column.drop_nulls()
+    return column.dtype == pl.String and len(values) > 0 and bool(values.str.contains(_RFC3339_UTC).all())

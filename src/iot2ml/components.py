@@ -1,8 +1,15 @@
-"""Run one component in the foreground: ``iot2ml broker``, ``iot2ml ingest``, ``iot2ml api``.
+"""The platform's components, one row each, and their runners.
 
-Each reads the same settings and data dir, records where it listens under ``data_dir/run/`` and
-stops cleanly on SIGTERM/SIGINT, so ``iot2ml up`` can supervise them and a user can run and scale
-them one by one.
+``COMPONENTS`` is the table ``iot2ml up`` loops over (start order, readiness, ports, what a child
+gets when ``up`` dies, the banner) and the CLI makes one command of each, ``iot2ml <name>``, with
+the options every component shares. A component is ready once it has written its run file
+``data_dir/run/<name>.json`` (with its pid); it stops cleanly on SIGTERM/SIGINT. Adding a
+component is one ``Component(...)`` row plus its runner.
+
+>>> [c.name for c in COMPONENTS]
+['broker', 'ingest', 'api', 'scheduler', 'serve']
+>>> [[c.name for c in stage] for stage in start_stages()]
+[['broker'], ['ingest', 'api', 'scheduler', 'serve']]
 """
 
 from __future__ import annotations
@@ -11,14 +18,73 @@ import asyncio
 import logging
 import os
 import signal
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .core.config import Settings
-from .core.errors import BrokerUnavailable
 from .core.runtime import clear_run_info, run_dir, write_run_info
 
 log = logging.getLogger("iot2ml")
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port a component listens on: the setting that holds it and the flag that changes it."""
+
+    setting: str
+    flag: str
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A line of ``up``'s banner: ``url`` is formatted with the settings (``{host}``, ``{mqtt_port}``...)."""
+
+    key: str
+    label: str
+    url: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Switch:
+    """An on/off option only this component takes, passed to its runner as keyword ``name``."""
+
+    name: str
+    flag: str
+    help: str
+
+
+@dataclass(frozen=True)
+class Component:
+    """One row of the platform: what runs, in which order, on which ports, and how it dies with ``up``."""
+
+    name: str
+    help: str
+    run: Callable[..., None]
+    """``run(settings, **switches)``: runs in the foreground until SIGTERM/SIGINT."""
+    stage: int
+    """``up`` starts stage by stage, each once the previous one is ready, and stops in reverse."""
+    death_signal: signal.Signals
+    """What the child gets when ``up`` dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    ports: tuple[Port, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    switches: tuple[Switch, ...] = ()
+
+
+def start_stages(components: tuple[Component, ...] | None = None) -> list[list[Component]]:
+    """The components grouped by stage, in start order (stop order is the reverse)."""
+    components = COMPONENTS if components is None else components
+    stages = sorted({c.stage for c in components})
+    return [[c for c in components if c.stage == s] for s in stages]
+
+
+def component(name: str) -> Component:
+    """The row named ``name``."""
+    for c in COMPONENTS:
+        if c.name == name:
+            return c
+    raise KeyError(f"no component {name!r}: one of {', '.join(c.name for c in COMPONENTS)}")
 
 
 def use_metrics_dir(settings: Settings) -> None:
@@ -29,27 +95,28 @@ def use_metrics_dir(settings: Settings) -> None:
 
 
 def wait_for_broker(settings: Settings, timeout: float | None = None) -> str:
+    """The broker's service URL, waiting up to ``timeout`` seconds (``None``: for ever) for it to start."""
     from .core.transport import find_broker
 
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            return find_broker(settings.data_dir)
-        except BrokerUnavailable:
-            if deadline is not None and time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    return find_broker(settings.data_dir, wait=timeout)
 
 
 def run_broker_component(settings: Settings, *, fallback_ports: bool = False) -> None:
+    from .auth.store import Devices
     from .broker.service import run_broker
+    from .core.catalog import Catalog
 
-    run_broker(settings, fallback_ports=fallback_ports)
+    catalog = Catalog(settings.catalog)
+    try:
+        run_broker(settings, Devices(catalog), fallback_ports=fallback_ports)
+    finally:
+        catalog.close()
 
 
 def run_ingest_component(settings: Settings) -> None:
     import gc
 
+    from .auth.store import Devices
     from .core.catalog import Catalog
     from .ingest.service import IngestService
     from .lake import Lake, Maintainer
@@ -68,7 +135,7 @@ def run_ingest_component(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        service = IngestService(settings, lake, catalog, nats_url=url)
+        service = IngestService(settings, lake, Devices(catalog), nats_url=url)
         tasks = [asyncio.create_task(service.run(stop))]
         if settings.mqtt_url:
             from .ingest.bridge import run_bridge
@@ -94,6 +161,12 @@ def _run_http(settings: Settings, name: str, app: Any, port: int) -> None:
     """Serve ``app`` with uvicorn on ``port``, recorded as component ``name`` in the run dir meanwhile."""
     import uvicorn
 
+    def stop(*_: Any) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler found before it:
+    # exit through ours, so the run file below is removed.
+    signal.signal(signal.SIGTERM, stop)
     write_run_info(settings.data_dir, name, {"url": f"http://{settings.host}:{port}", "port": port})
     try:
         uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
@@ -125,12 +198,12 @@ def serving_runtime(settings: Settings, catalog: Any) -> Any:
     return ServingRuntime(settings, catalog, registry=registry, lake=Lake(settings.lake, settings.lake_storage_options))
 
 
-def run_serve_component(settings: Settings, *, port: int | None = None, broker: bool = True) -> None:
+def run_serve_component(settings: Settings, *, port: int | None = None, no_broker: bool = False) -> None:
     """The serving runtime: REST predictions, and with the broker MQTT request/reply and streaming."""
 
     from .core.catalog import Catalog
     from .core.runtime import claim_port
-    from .serve.app import create_serve_app
+    from .api import create_serve_app
 
     use_metrics_dir(settings)
     port = claim_port(settings.host, settings.serve_port if port is None else port, "--serve-port")
@@ -142,8 +215,53 @@ def run_serve_component(settings: Settings, *, port: int | None = None, broker: 
 
     catalog = Catalog(settings.catalog)
     runtime = serving_runtime(settings, catalog)
-    app = create_serve_app(settings, catalog=catalog, runtime=runtime, nats_url=url if broker else None)
+    app = create_serve_app(settings, catalog=catalog, runtime=runtime, nats_url=None if no_broker else url)
     try:
         _run_http(settings, "serve", app, port)
     finally:
         catalog.close()
+
+
+def run_scheduler_component(settings: Settings) -> None:
+    """The retraining scheduler: runs the due schedules until stopped."""
+    from .ml.scheduler import run_scheduler_component as run
+
+    run(settings)
+
+
+# The ingest and the broker stop gracefully when ``up`` dies (flush, stop nats-server); the API and
+# the scheduler hold nothing unacknowledged, and a graceful uvicorn shutdown can wait on a broker
+# that is gone: they are killed outright.
+COMPONENTS: tuple[Component, ...] = (
+    Component(
+        "broker", "Run only the embedded broker (NATS with MQTT and JetStream).",
+        run_broker_component, stage=0, death_signal=signal.SIGTERM,
+        ports=(Port("nats_port", "--nats-port"), Port("mqtt_port", "--mqtt-port")),
+        endpoints=(Endpoint("mqtt", "MQTT", "mqtt://{host}:{mqtt_port}",
+                            "topic devices/<id>/telemetry, user <id>, password <token>"),
+                   Endpoint("nats", "NATS", "nats://{host}:{nats_port}")),
+    ),
+    Component(
+        "ingest", "Run only the ingest: broker stream -> Delta lake, exactly once.",
+        run_ingest_component, stage=1, death_signal=signal.SIGTERM,
+    ),
+    Component(
+        "api", "Run only the HTTP API.",
+        run_api_component, stage=1, death_signal=signal.SIGKILL,
+        ports=(Port("http_port", "--http-port"),),
+        endpoints=(Endpoint("http", "HTTP API", "http://{host}:{http_port}", "docs http://{host}:{http_port}/docs"),
+                   Endpoint("metrics", "metrics", "http://{host}:{http_port}/metrics")),
+    ),
+    Component(
+        "scheduler", "Run only the retraining scheduler.",
+        run_scheduler_component, stage=1, death_signal=signal.SIGKILL,
+    ),
+    Component(
+        "serve", "Run only the serving runtime: deployed models over REST, MQTT request/reply and streaming.",
+        run_serve_component, stage=1, death_signal=signal.SIGTERM,
+        ports=(Port("serve_port", "--serve-port"),),
+        endpoints=(Endpoint("serve", "predict", "http://{host}:{serve_port}",
+                            "/api/v1/models/<name>/predict after 'iot2ml deploy <name>'"),),
+        switches=(Switch("no_broker", "--no-broker", "REST only: no MQTT requests, no streaming."),),
+    ),
+)

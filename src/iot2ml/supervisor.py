@@ -1,8 +1,11 @@
-"""``iot2ml up``: start the broker, the ingest and the API as child processes and keep them running.
+"""``iot2ml up``: start the components of ``components.COMPONENTS`` as child processes and keep them running.
 
-Ports are settled here once (a busy port fails ``up`` with the flag to change it; ``demo`` picks a
-free one) and handed to the children through ``IOT2ML_*`` variables, so a restarted child comes back
-on the same ports. Children die with the supervisor (PR_SET_PDEATHSIG), even if it is killed.
+Everything here loops over that table: ports are settled once, all at once (busy ones fail ``up``
+with one command line that uses free ports; ``demo`` picks free ones), children start stage by stage
+and stop in reverse, each gets its ports and settings through ``IOT2ML_*`` variables (so a restarted
+child comes back on the same ports) and dies with the supervisor (PR_SET_PDEATHSIG), even if it is
+killed. The supervisor records itself in ``data_dir/run/up.json`` (state ``starting``, ``up`` or
+``failed``), which ``up --detach`` waits on and ``down`` stops.
 """
 
 from __future__ import annotations
@@ -17,24 +20,31 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .auth.store import Keys
+from .components import COMPONENTS, Component, start_stages
 from .core.catalog import Catalog
 from .core.config import Settings
-from .core.errors import Iot2mlError
-from .core.runtime import claim_port, read_run_info, run_dir, secret
+from .core.errors import Iot2mlError, NotFound
+from .core.runtime import (
+    clear_run_info,
+    pid_alive,
+    read_run_info,
+    run_dir,
+    running_info,
+    secret,
+    settle_ports,
+    write_run_info,
+)
 
 log = logging.getLogger("iot2ml.up")
 
-COMPONENTS = ("broker", "ingest", "api", "scheduler", "serve")
-
-
-# Signal a child gets when `up` dies, even by SIGKILL. The ingest and the broker stop gracefully
-# (flush, stop nats-server); the API and the scheduler hold nothing unacknowledged, and a graceful
-# uvicorn shutdown can wait on a broker that is gone: they are killed outright.
-_DEATH_SIGNAL = {"broker": signal.SIGTERM, "ingest": signal.SIGTERM, "api": signal.SIGKILL,
-                 "scheduler": signal.SIGKILL, "serve": signal.SIGTERM}
+RUN_NAME = "up"
+"""The supervisor's own run file: ``data_dir/run/up.json``; its console goes to ``up.log`` when detached."""
 
 
 def _pdeathsig(sig: int) -> None:  # pragma: no cover - runs in the child
@@ -57,77 +67,123 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def endpoints(values: dict[str, Any], components: Sequence[Component] = COMPONENTS) -> list[dict[str, str]]:
+    """Every component's endpoints formatted with ``values`` (the settings): key, label, url, note."""
+    return [{"key": e.key, "label": e.label, "url": e.url.format(**values), "note": e.note.format(**values)}
+            for c in components for e in c.endpoints]
+
+
+def running_platform(data_dir: Path) -> dict[str, Any] | None:
+    """What the live supervisor of ``data_dir`` recorded (``state`` starting or up), else None."""
+    try:
+        info = running_info(data_dir, RUN_NAME)
+    except NotFound:
+        return None
+    return info if info.get("state") in ("starting", "up") else None
+
+
 @dataclass
 class _Child:
-    name: str
+    component: Component
+    log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
-    log_path: Any = None
 
 
 @dataclass
 class Platform:
-    """The whole platform on one machine. ``start()``, then ``watch()``; ``stop()`` from any thread."""
+    """The whole platform on one machine. ``start()``, then ``watch()``; ``stop()`` from any thread.
+
+    ``command`` is the command line as the user gave it: a busy port's error says to run it again
+    with free ports.
+    """
 
     settings: Settings
     fallback_ports: bool = False
+    command: Sequence[str] | None = None
+    components: tuple[Component, ...] = COMPONENTS
     admin_key: str = ""
     notes: list[str] = field(default_factory=list)
     _children: dict[str, _Child] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _state: str = ""
 
-    def _settle_ports(self) -> None:
+    def settle_ports(self) -> None:
+        """Check every port at once (``PortInUse`` names the busy ones) and fix the ports to use."""
         s = self.settings
-        chosen = {}
-        for name, flag in (("nats_port", "--nats-port"), ("mqtt_port", "--mqtt-port"), ("http_port", "--http-port"),
-                           ("serve_port", "--serve-port")):
-            wanted = getattr(s, name)
-            got = claim_port(s.host, wanted, flag, fallback=self.fallback_ports)
-            if wanted and got != wanted:
-                self.notes.append(f"port {wanted} is busy: {flag} {got} chosen instead")
-            chosen[name] = got
-        self.settings = s.model_copy(update={**chosen, "data_dir": s.data_dir.absolute()})
+        ports = [p for c in self.components for p in c.ports]
+        wanted = {p.flag: getattr(s, p.setting) for p in ports}
+        chosen = settle_ports(s.host, wanted, fallback=self.fallback_ports, command=self.command)
+        for p in ports:
+            if wanted[p.flag] and chosen[p.flag] != wanted[p.flag]:
+                self.notes.append(f"port {wanted[p.flag]} is busy: {p.flag} {chosen[p.flag]} chosen instead")
+        self.settings = s.model_copy(update={**{p.setting: chosen[p.flag] for p in ports},
+                                             "data_dir": s.data_dir.absolute()})
 
     def start(self, *, timeout: float = 60.0) -> None:
-        self._settle_ports()
-        s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        metrics_dir = run_dir(s.data_dir) / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        catalog = Catalog(s.catalog)
+        """Start every component, stage by stage; returns once all are ready."""
+        data_dir = self.settings.data_dir
+        other = running_platform(data_dir)
+        if other is not None and other.get("pid") != os.getpid():
+            raise Iot2mlError(f"iot2ml already runs under {data_dir} (pid {other['pid']}): "
+                              f"'iot2ml down --data-dir {data_dir}' stops it")
         try:
-            self.admin_key = secret(s.data_dir, "admin.key")
-            if catalog.key_role(self.admin_key) is None:
-                catalog.set_key("admin", self.admin_key, "admin")
-        finally:
-            catalog.close()
-        self._env = {**os.environ, **settings_env(s), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-        self._env["IOT2ML_CONFIG"] = os.devnull
-        for name in COMPONENTS:
-            self._children[name] = _Child(name, log_path=run_dir(s.data_dir) / f"{name}.log")
-        self._spawn("broker")
-        self._wait_ready("broker", timeout)
-        self._spawn("ingest")
-        self._spawn("api")
-        self._spawn("scheduler")
-        self._spawn("serve")
-        self._wait_ready("api", timeout)
-        self._wait_ready("ingest", timeout)
-        self._wait_ready("scheduler", timeout)
-        self._wait_ready("serve", timeout)
+            self.settle_ports()
+            s = self.settings
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+            self._record("starting")
+            metrics_dir = run_dir(s.data_dir) / "metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            catalog = Catalog(s.catalog)
+            try:
+                self.admin_key = secret(s.data_dir, "admin.key")
+                keys = Keys(catalog)
+                if keys.key_role(self.admin_key) is None:
+                    keys.set_key("admin", self.admin_key, "admin")
+            finally:
+                catalog.close()
+            self._env = {**os.environ, **settings_env(s), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+            self._env["IOT2ML_CONFIG"] = os.devnull
+            for c in self.components:
+                self._children[c.name] = _Child(c, run_dir(s.data_dir) / f"{c.name}.log")
+            for stage in start_stages(self.components):
+                for c in stage:
+                    self._spawn(c.name)
+                for c in stage:
+                    self._wait_ready(c.name, timeout)
+        except Iot2mlError as err:
+            self._record("failed", error=str(err))
+            raise
+        self._record("up")
+
+    def status(self, state: str) -> dict[str, Any]:
+        """What ``up.json`` says: state, ports, endpoints, notes and the children's pids."""
+        s = self.settings
+        values = s.model_dump()
+        ports = {p.setting: values[p.setting] for c in self.components for p in c.ports}
+        return {"state": state, "data_dir": str(s.data_dir), "host": s.host, **ports,
+                "endpoints": endpoints(values, self.components), "notes": self.notes, "pids": self.pids()}
+
+    def _record(self, state: str, **extra: Any) -> None:
+        write_run_info(self.settings.data_dir, RUN_NAME, {**self.status(state), **extra})
+        self._state = state
+
+    def child_command(self, name: str) -> list[str]:
+        """The command line of component ``name``'s process: ``iot2ml <name>``."""
+        return [sys.executable, "-m", "iot2ml", name]
 
     def _spawn(self, name: str) -> None:
         child = self._children[name]
         with open(child.log_path, "ab") as out:
             child.proc = subprocess.Popen(
-                [sys.executable, "-m", "iot2ml", name],
+                self.child_command(name),
                 env=self._env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=functools.partial(_pdeathsig, _DEATH_SIGNAL[name]),
+                preexec_fn=functools.partial(_pdeathsig, child.component.death_signal),
             )
         child.started_at = time.monotonic()
 
@@ -151,15 +207,7 @@ class Platform:
 
     @property
     def urls(self) -> dict[str, str]:
-        s = self.settings
-        return {
-            "mqtt": f"mqtt://{s.host}:{s.mqtt_port}",
-            "nats": f"nats://{s.host}:{s.nats_port}",
-            "http": f"http://{s.host}:{s.http_port}",
-            "docs": f"http://{s.host}:{s.http_port}/docs",
-            "metrics": f"http://{s.host}:{s.http_port}/metrics",
-            "serve": f"http://{s.host}:{s.serve_port}",
-        }
+        return {e["key"]: e["url"] for e in endpoints(self.settings.model_dump(), self.components)}
 
     def pids(self) -> dict[str, int | None]:
         return {n: (c.proc.pid if c.proc else None) for n, c in self._children.items()}
@@ -174,20 +222,22 @@ class Platform:
                 backoff = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
                 if time.monotonic() - child.started_at > 60:
                     child.restarts = 0
-                log.warning("%s exited with code %s: restarting in %.1f s", child.name, code, backoff)
+                log.warning("%s exited with code %s: restarting in %.1f s", child.component.name, code, backoff)
                 if self._stop.wait(backoff):
                     break
                 child.restarts += 1
-                self._spawn(child.name)
+                self._spawn(child.component.name)
+                self._record("up")
 
     def stop(self) -> None:
         self._stop.set()
 
     def shutdown(self, timeout: float = 15.0) -> None:
-        """Stop children: ingest and API first (they flush), the broker last."""
+        """Stop the children stage by stage in reverse start order (the broker last), then forget ``up.json``."""
         self._stop.set()
-        for group in (("api", "ingest", "scheduler", "serve"), ("broker",)):
-            procs = [c.proc for n, c in self._children.items() if n in group and c.proc and c.proc.poll() is None]
+        for stage in reversed(start_stages(self.components)):
+            names = {c.name for c in stage}
+            procs = [c.proc for n, c in self._children.items() if n in names and c.proc and c.proc.poll() is None]
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout
@@ -197,3 +247,75 @@ class Platform:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
+        if self._state != "failed":  # a failure stays on record for 'up --detach' to report
+            clear_run_info(self.settings.data_dir, RUN_NAME)
+
+
+def start_detached(argv: Sequence[str], data_dir: Path, *, timeout: float = 180.0) -> dict[str, Any]:
+    """Run ``iot2ml <argv>`` (an ``up`` without ``--detach``) in the background, logging to
+    ``data_dir/run/up.log``, and return its ``up.json`` once every component is ready. A supervisor
+    already running there is waited on instead. Raises ``Iot2mlError`` with the reason it failed."""
+    data_dir = Path(data_dir)
+    info = running_platform(data_dir)
+    proc = None
+    log_path = run_dir(data_dir) / f"{RUN_NAME}.log"
+    if info is None:
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "iot2ml", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        pid = proc.pid
+    else:
+        pid = int(info["pid"])
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = read_run_info(data_dir, RUN_NAME)
+        except NotFound:
+            info = {}
+        if info.get("pid") == pid:
+            if info.get("state") == "up":
+                return info
+            if info.get("state") == "failed":
+                if proc is not None:
+                    proc.wait(30)
+                raise Iot2mlError(info.get("error") or f"iot2ml up failed: see {log_path}")
+        exited = proc.poll() is not None if proc is not None else not pid_alive(pid)
+        if exited:
+            tail = log_path.read_text(errors="replace")[-2000:].strip()
+            code = f" with code {proc.returncode}" if proc is not None else ""
+            raise Iot2mlError(f"iot2ml up exited{code} while starting (log {log_path}):\n{tail}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.terminate()
+            raise Iot2mlError(f"the platform did not start within {timeout:.0f} s: see {log_path} and the "
+                              f"components' logs next to it")
+        time.sleep(0.1)
+
+
+def stop_platform(data_dir: Path, *, timeout: float = 60.0) -> list[str] | None:
+    """SIGTERM the supervisor of ``data_dir`` and wait until it and every component stopped.
+
+    Returns the names of the components that were running, or None if no supervisor runs there."""
+    info = running_platform(Path(data_dir))
+    if info is None:
+        return None
+    pid = int(info["pid"])
+    children = {}
+    for c in COMPONENTS:
+        try:
+            children[c.name] = int(running_info(data_dir, c.name)["pid"])
+        except (NotFound, KeyError, ValueError):
+            continue
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) or any(pid_alive(p) for p in children.values()):
+        if time.monotonic() > deadline:
+            left = [n for n, p in children.items() if pid_alive(p)]
+            raise Iot2mlError(f"iot2ml under {data_dir} (pid {pid}) did not stop within {timeout:.0f} s"
+                              + (f"; still running: {', '.join(left)}" if left else "")
+                              + f": see {run_dir(Path(data_dir))}")
+        time.sleep(0.1)
+    return list(children)

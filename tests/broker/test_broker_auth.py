@@ -6,6 +6,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
+from iot2ml.auth.store import Devices
 from iot2ml.core.catalog import Catalog
 from iot2ml.core.config import load_settings
 from iot2ml.core.transport import STREAM
@@ -55,9 +56,9 @@ def stream_messages(url: str) -> list[tuple[str, bytes]]:
     return asyncio.run(read())
 
 
-def _check_identity(broker, catalog: Catalog) -> None:
-    tok7 = catalog.add_device("pump-7", "pump")
-    catalog.add_device("pump-8", "pump")
+def _check_identity(broker, devices: Devices) -> None:
+    tok7 = devices.add_device("pump-7", "pump")
+    devices.add_device("pump-8", "pump")
     broker.service.poke()
     broker.wait_reload()
 
@@ -76,13 +77,13 @@ def _check_identity(broker, catalog: Catalog) -> None:
     assert stored == [("devices.pump-7.telemetry", b'{"pressure": 1}')]
 
     # Revoke without restarting: the token stops working.
-    catalog.remove_device("pump-7")
+    devices.remove_device("pump-7")
     broker.service.poke()
     broker.wait_reload()
     rc, _ = connect(broker.mqtt_port, "pump-7", tok7)
     assert rc == 5
     # Add without restarting: the new device gets in.
-    tok9 = catalog.add_device("pump-9", "pump")
+    tok9 = devices.add_device("pump-9", "pump")
     broker.wait_reload()  # no poke: the broker notices by polling
     rc, c = connect(broker.mqtt_port, "pump-9", tok9)
     assert rc == 0
@@ -91,12 +92,12 @@ def _check_identity(broker, catalog: Catalog) -> None:
 
 
 def test_broker_enforces_catalog_identity_sqlite(broker, settings):
-    _check_identity(broker, broker.service.catalog)
+    _check_identity(broker, broker.service.devices)
 
 
 def test_broker_enforces_catalog_identity_postgresql(tmp_path, postgres_url, make_broker):
     settings = load_settings(data_dir=tmp_path / "pg", nats_port=0, mqtt_port=0, catalog_url=postgres_url)
-    _check_identity(make_broker(settings), Catalog(postgres_url))
+    _check_identity(make_broker(settings), Devices(Catalog(postgres_url)))
 
 
 def test_busy_port_names_the_flag(settings):
@@ -110,4 +111,4 @@ def test_busy_port_names_the_flag(settings):
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(PortInUse, match=f"port {port} is already in use: pass --mqtt-port"):
-            BrokerService(settings.model_copy(update={"mqtt_port": port}))
+            BrokerService(settings.model_copy(update={"mqtt_port": port}), Devices(Catalog(settings.catalog)))

@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from iot2ml.api import create_app
+from iot2ml.auth.store import Devices
 from iot2ml.core.catalog import Catalog
 from iot2ml.lake import Lake
 from iot2ml.simulate.loadgen import publish_qos1_sync
@@ -49,9 +50,9 @@ def test_exactly_once_through_sigkills(settings, make_broker, tmp_path):
     settings = settings.model_copy(update={"dedup_window": 0.0, "flush_interval": 0.2,
                                            "compact_interval": 3.0, "compact_min_files": 8})
     broker = make_broker(settings)
-    catalog = Catalog(settings.catalog)
-    tokens = {f"eo-{d}": catalog.add_device(f"eo-{d}", "pump") for d in range(DEVICES)}
-    http_token = catalog.add_device("eo-http", "pump")
+    devices = Devices(Catalog(settings.catalog))
+    tokens = {f"eo-{d}": devices.add_device(f"eo-{d}", "pump") for d in range(DEVICES)}
+    http_token = devices.add_device("eo-http", "pump")
     broker.service.poke()
     broker.wait_reload()
 

@@ -11,6 +11,7 @@ import uuid
 
 import orjson
 
+from iot2ml.auth.store import Devices
 from iot2ml.core.catalog import Catalog
 from iot2ml.lake import Lake
 from iot2ml.simulate.loadgen import publish_qos1_sync
@@ -22,7 +23,7 @@ def test_ingest_from_external_mosquitto(settings, make_broker, tmp_path, externa
     settings = settings.model_copy(update={"mqtt_url": f"mqtt://{host}:{port}"})
     make_broker(settings)
     device = f"ext-{uuid.uuid4().hex[:8]}"
-    Catalog(settings.catalog).add_device(device, "ext")
+    Devices(Catalog(settings.catalog)).add_device(device, "ext")
     env = {**os.environ, **settings_env(settings), "IOT2ML_CONFIG": os.devnull}
     log = open(tmp_path / "ingest.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "iot2ml", "ingest"], env=env, stdout=log, stderr=log)

@@ -11,6 +11,7 @@ import time
 import orjson
 
 from hostile import mixed_stream
+from iot2ml.auth.store import Devices
 from iot2ml.core.catalog import Catalog
 from iot2ml.lake import Lake
 from iot2ml.simulate.loadgen import publish_qos1_sync
@@ -19,9 +20,9 @@ from iot2ml.supervisor import settings_env
 
 def test_hostile_payloads_never_stop_the_ingest_and_lose_nothing_valid(settings, make_broker, tmp_path):
     broker = make_broker(settings)
-    catalog = Catalog(settings.catalog)
-    catalog.add_type("pump", "pressure:float")
-    token = catalog.add_device("h-1", "pump")
+    devices = Devices(Catalog(settings.catalog))
+    devices.add_type("pump", "pressure:float")
+    token = devices.add_device("h-1", "pump")
     broker.service.poke()
     broker.wait_reload()
     env = {**os.environ, **settings_env(settings), "IOT2ML_CONFIG": os.devnull}

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from iot2ml.core.errors import InvalidInput, NotFound
+from iot2ml.core.tables import LABELS_SCHEMA
 from iot2ml.lake import Lake
 from iot2ml.ml.labels import (
-    LABEL_SCHEMA,
     append_labels,
     known_entities,
     read_labels_csv,
@@ -64,9 +64,9 @@ def _import(lake: Lake, path: Path, **kwargs) -> int:
 
 
 def test_schema_is_the_labels_contract() -> None:
-    assert LABEL_SCHEMA.names == ["entity", "label", "ts", "source", "who", "imported_at"]
-    assert LABEL_SCHEMA.field("ts").type == pa.timestamp("us", tz="UTC")
-    assert LABEL_SCHEMA.field("imported_at").type == pa.timestamp("us", tz="UTC")
+    assert LABELS_SCHEMA.names == ["entity", "label", "ts", "source", "who", "imported_at"]
+    assert LABELS_SCHEMA.field("ts").type == pa.timestamp("us", tz="UTC")
+    assert LABELS_SCHEMA.field("imported_at").type == pa.timestamp("us", tz="UTC")
 
 
 def test_known_entities_come_from_the_curated_table(lake: Lake) -> None:
@@ -165,7 +165,7 @@ def test_rows_can_be_dicts_dataframes_or_arrow_tables() -> None:
     for given in (rows, pd.DataFrame(rows), pa.Table.from_pylist(rows[:1]), pd.DataFrame(rows[:1])):
         table = validate_labels(given, entity_column="sample", label_column="visc", time_column="at",
                                 source="lab", who="lab-01")
-        assert table.schema.equals(LABEL_SCHEMA)
+        assert table.schema.equals(LABELS_SCHEMA)
         got = list(zip(*(table.column(c).to_pylist() for c in ("entity", "label", "ts"))))
         assert got == expected[: table.num_rows]
         assert set(table.column("source").to_pylist()) == {"lab"}
@@ -186,7 +186,7 @@ def test_append_refuses_unvalidated_tables(lake: Lake) -> None:
     with pytest.raises(InvalidInput, match="validate_labels"):
         append_labels(lake, pa.table({"entity": ["a"], "label": ["b"]}))
     with pytest.raises(InvalidInput, match="empty"):
-        append_labels(lake, LABEL_SCHEMA.empty_table())
+        append_labels(lake, LABELS_SCHEMA.empty_table())
     assert "labels" not in lake.tables()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from iot2ml.core.errors import NotFound
 from iot2ml.ml.base import TrainResult
 from iot2ml.ml.registry import CHALLENGER, CHAMPION, Registry, tracking_uri_for
 
@@ -83,6 +84,23 @@ def test_versions_aliases_and_promotion(registry):
     listed = registry.list_models()
     assert [(m["name"], m["version"]) for m in listed] == [("scale", v) for v in range(1, 6)]
     assert listed[0]["aliases"] == []
+
+
+def test_resolve_turns_versions_and_aliases_into_numbers_and_names_what_exists(tmp_path):
+    registry = Registry(tracking_uri_for(tmp_path), artifact_root=str(tmp_path / "artifacts"))
+    registry.log_training("gain", result(2.0, 1.0), data_versions={})
+    registry.log_training("gain", result(3.0, 0.5), data_versions={})  # no duel: v1 stays champion
+    assert registry.resolve("gain", "champion") == 1
+    assert registry.resolve("gain", CHALLENGER) == 2
+    assert registry.resolve("gain", "2") == 2 and registry.resolve("gain", 1) == 1
+    with pytest.raises(NotFound) as missing:
+        registry.resolve("gain", "9")
+    assert str(missing.value) == ("model 'gain' has no version 9 (it has 1, 2; aliases challenger -> 2, "
+                                  "champion -> 1): see 'iot2ml models list'")
+    with pytest.raises(NotFound, match=r"has no version with alias 'gold' \(it has 1, 2; aliases"):
+        registry.resolve("gain", "gold")
+    with pytest.raises(NotFound, match="model 'nope' is not registered: train it first"):
+        registry.resolve("nope", "champion")
 
 
 def test_mlflow_is_not_imported_by_the_ingest_path():

@@ -2,9 +2,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from iot2ml.core.catalog import Catalog, Schedule, Schedules
+from iot2ml.core.catalog import Catalog
 from iot2ml.core.errors import AlreadyExists, InvalidInput
 from iot2ml.core.timeutil import parse_duration
+from iot2ml.ml.schedules import Schedule, Schedules
 from iot2ml.ml.scheduler import due, parse_train_args
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)

@@ -8,8 +8,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from iot2ml.core.catalog import Catalog, Schedules
+from iot2ml.core.catalog import Catalog
 from iot2ml.ml.jobs import TrainJob
+from iot2ml.ml.schedules import Schedules
 from iot2ml.ml.scheduler import Scheduler
 from iot2ml.ml.workbench import Workbench
 

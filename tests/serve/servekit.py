@@ -17,10 +17,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from iot2ml.auth.store import Keys
 from iot2ml.core.catalog import Catalog
 from iot2ml.ml.jobs import TrainJob
-from iot2ml.serve.deployments import Deployments, build_spec
 from iot2ml.ml.workbench import Workbench
+from iot2ml.serve.deployments import Deployments, build_spec
 
 TS = pa.timestamp("us", tz="UTC")
 FEATURES = ("alcohol", "volatile_acidity", "ph")
@@ -149,8 +150,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Wor
 @pytest.fixture
 def served(trained: tuple[Any, Workbench], monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     """The serving app (no broker) on a free port, over the module's registry; a fresh catalog state."""
+    from iot2ml.api import create_serve_app
     from iot2ml.components import serving_runtime
-    from iot2ml.serve.app import create_serve_app
 
     settings, bench = trained
     for key in ("IOT2ML_CONFIG",):
@@ -160,7 +161,7 @@ def served(trained: tuple[Any, Workbench], monkeypatch: pytest.MonkeyPatch) -> I
     for d in deployments.list():
         deployments.remove(d.name, who="test reset")
     bench.registry.client.set_registered_model_alias("wine", "champion", "1")
-    key = catalog.add_key(f"k{time.monotonic_ns()}", "reader")
+    key = Keys(catalog).add_key(f"k{time.monotonic_ns()}", "reader")
     app = create_serve_app(settings, catalog=catalog, runtime=serving_runtime(settings, catalog))
     port = free_port()
     server = ServerThread(app, port)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from iot2ml.api import create_app
 from iot2ml.cli import app as cli
+from iot2ml.auth.store import Devices, Keys
 from iot2ml.core.catalog import Catalog
 from iot2ml.ml.base import TrainResult
 from iot2ml.ml.registry import Registry, tracking_uri_for
@@ -51,7 +52,7 @@ def env(settings, mlflow_store, monkeypatch):
     for key, value in mlflow_store.items():
         monkeypatch.setenv(f"IOT2ML_{key.upper()}", value)
     settings = settings.model_copy(update=mlflow_store)
-    Catalog(settings.catalog).add_type("wine")
+    Devices(Catalog(settings.catalog)).add_type("wine")
     return settings
 
 
@@ -131,7 +132,8 @@ def test_list_history_rollback_and_undeploy(env):
 def test_unknown_versions_models_types_and_bad_options_are_refused_and_nothing_is_stored(env):
     run(env, "deploy", MODEL)
     refused = {
-        ("--version", "9"): f"model '{MODEL}' has no version 9 (it has 1, 2, 3): see 'iot2ml models list'",
+        ("--version", "9"): f"model '{MODEL}' has no version 9 (it has 1, 2, 3; "
+                             "aliases challenger -> 1, champion -> 1): see 'iot2ml models list'",
         ("--version", "gold"): "has no version with alias 'gold'",
         ("--ab", "2:50,9:50"): "has no version 9",
         ("--version", "2", "--canary", "10", "--rollback-on", "p98>3"): "rollback condition 'p98>3' is not understood",
@@ -168,8 +170,8 @@ def test_a_device_type_is_answered_by_one_deployment(env, mlflow_store):
 def api(env):
     catalog = Catalog(env.catalog)
     with TestClient(create_app(env, catalog=catalog)) as client:
-        client.admin = {"Authorization": f"Bearer {catalog.add_key('ops', 'admin')}"}
-        client.reader = {"Authorization": f"Bearer {catalog.add_key('dash', 'reader')}"}
+        client.admin = {"Authorization": f"Bearer {Keys(catalog).add_key('ops', 'admin')}"}
+        client.reader = {"Authorization": f"Bearer {Keys(catalog).add_key('dash', 'reader')}"}
         yield client
 
 
@@ -212,9 +214,9 @@ def test_api_refuses_with_the_reason(api):
     cases = [
         ({"version": "9"}, 404, "has no version 9"),
         ({"stream": "beer"}, 404, "not a device type"),
-        ({"version": "2", "canary": 10, "rollback_on": "p98>3"}, 400, "is not understood"),
-        ({"version": "2", "canary": 10, "rollback_on": {"p95_ms": 3}}, 400, "'p95_ms' is not known"),
-        ({"ab": "2:50,3:50", "version": "2"}, 400, "do not combine"),
+        ({"version": "2", "canary": 10, "rollback_on": "p98>3"}, 422, "is not understood"),
+        ({"version": "2", "canary": 10, "rollback_on": {"p95_ms": 3}}, 422, "'p95_ms' is not known"),
+        ({"ab": "2:50,3:50", "version": "2"}, 422, "do not combine"),
         ({"version": "2", "canary": 10, "bake": "soon"}, 422, "duration 'soon' is not valid"),
         ({"version": "2", "canry": 10}, 422, "canry"),
     ]

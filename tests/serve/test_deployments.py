@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from iot2ml.auth import Guard
+from iot2ml.auth.store import Devices, Keys
 from iot2ml.core.catalog import Catalog
 from iot2ml.core.errors import AuthError, InvalidInput, NotFound
 from iot2ml.serve.deployments import (
@@ -34,7 +35,7 @@ def store(catalog):
 
 
 def store_url(store: Deployments) -> str:
-    return store._engine.url.render_as_string(hide_password=False)
+    return store.catalog.url
 
 
 def shares(spec: Deployment, keys: list[str]) -> dict[str, float]:
@@ -194,9 +195,9 @@ def test_concurrent_writers_never_apply_two_changes_to_one_generation(settings, 
 
 def test_guard_caller_accepts_device_tokens_and_keys_of_any_role(catalog):
     guard = Guard(catalog, ttl=0.0)
-    token = catalog.add_device("press-1", "wine")
-    reader = catalog.add_key("dash", "reader")
-    admin = catalog.add_key("ops", "admin")
+    token = Devices(catalog).add_device("press-1", "wine")
+    reader = Keys(catalog).add_key("dash", "reader")
+    admin = Keys(catalog).add_key("ops", "admin")
     device = guard.caller(token)
     assert (device.kind, device.name, device.role) == ("device", "press-1", "wine")
     assert (guard.caller(reader).kind, guard.caller(reader).role) == ("key", "reader")
@@ -204,6 +205,6 @@ def test_guard_caller_accepts_device_tokens_and_keys_of_any_role(catalog):
     for bad in (None, "", "nope"):
         with pytest.raises(AuthError):
             guard.caller(bad)
-    catalog.remove_device("press-1")
+    Devices(catalog).remove_device("press-1")
     with pytest.raises(AuthError, match="unknown or revoked"):
         guard.caller(token)

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from servekit import ServerThread, free_port, write
 
+from iot2ml.auth.store import Keys
 from iot2ml.core.catalog import Catalog
 from iot2ml.ml.jobs import TrainJob
-from iot2ml.serve.deployments import Deployments, build_spec
 from iot2ml.ml.workbench import Workbench
+from iot2ml.serve.deployments import Deployments, build_spec
 
 HOURS = 24 * 12
 
@@ -26,9 +27,9 @@ def daily(n: int, phase: float, level: float, seed: int = 1) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def forecast_served(tmp_path_factory):
+    from iot2ml.api import create_serve_app
     from iot2ml.components import serving_runtime
     from iot2ml.core.config import load_settings
-    from iot2ml.serve.app import create_serve_app
 
     settings = load_settings(data_dir=tmp_path_factory.mktemp("fc") / "data", serve_port=0, serve_poll=0.2)
     bench = Workbench(settings)
@@ -41,7 +42,7 @@ def forecast_served(tmp_path_factory):
                                   "candidates": "seasonal_naive,lightgbm", "n_jobs": 1}))
     catalog = Catalog(settings.catalog)
     Deployments(catalog).put(build_spec(None, "ozone-24h"), who="test", action="deploy")
-    key = catalog.add_key("fc", "reader")
+    key = Keys(catalog).add_key("fc", "reader")
     app = create_serve_app(settings, catalog=catalog, runtime=serving_runtime(settings, catalog))
     port = free_port()
     server = ServerThread(app, port)

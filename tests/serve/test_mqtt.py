@@ -13,6 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from servekit import ServerThread, free_port, instance
 
+from iot2ml.auth.store import Devices
 from iot2ml.core.catalog import Catalog
 from iot2ml.query import run_query
 from iot2ml.serve.deployments import Deployments, build_spec
@@ -41,8 +42,8 @@ def client(port: int, user: str, password: str, subscribe: str | None = None) ->
 
 @pytest.fixture
 def mqtt_served(trained, make_broker):
+    from iot2ml.api import create_serve_app
     from iot2ml.components import serving_runtime
-    from iot2ml.serve.app import create_serve_app
 
     settings, bench = trained
     catalog = Catalog(settings.catalog)
@@ -50,7 +51,7 @@ def mqtt_served(trained, make_broker):
     for d in deployments.list():
         deployments.remove(d.name, who="test reset")
     bench.registry.client.set_registered_model_alias("wine", "champion", "1")
-    catalog.add_type("wine", exist_ok=True)
+    Devices(catalog).add_type("wine", exist_ok=True)
     broker = make_broker(settings)
     # Streaming deployments score what the ingest commits: run the real ingest on this data dir.
     import os
@@ -84,10 +85,10 @@ def mqtt_served(trained, make_broker):
 
 def test_device_round_trip_over_mqtt(mqtt_served):
     _settings, _bench, catalog, deployments, broker, start = mqtt_served
-    tok_a = catalog.add_device(f"ws-a{time.monotonic_ns()}", "wine")
-    dev_a = catalog.list_devices()[-1].device_id
+    tok_a = Devices(catalog).add_device(f"ws-a{time.monotonic_ns()}", "wine")
+    dev_a = Devices(catalog).list_devices()[-1].device_id
     dev_b = f"ws-b{time.monotonic_ns()}"
-    tok_b = catalog.add_device(dev_b, "wine")
+    tok_b = Devices(catalog).add_device(dev_b, "wine")
     broker.service.poke()
     broker.wait_reload()
     deployments.put(build_spec(None, "wine", devices="wine"), who="test", action="deploy")
@@ -127,9 +128,9 @@ def test_device_round_trip_over_mqtt(mqtt_served):
     assert inbox_b.empty()
 
     # A device of another type may not use this deployment.
-    catalog.add_type("pump", exist_ok=True)
+    Devices(catalog).add_type("pump", exist_ok=True)
     dev_p = f"pump-x{time.monotonic_ns()}"
-    tok_p = catalog.add_device(dev_p, "pump")
+    tok_p = Devices(catalog).add_device(dev_p, "pump")
     broker.service.poke()
     broker.wait_reload()
     p, inbox_p = client(broker.mqtt_port, dev_p, tok_p, subscribe=f"devices/{dev_p}/predictions")
@@ -155,7 +156,7 @@ def _predictions(bench, name: str) -> list:
 def test_streaming_deployment_scores_every_arriving_row_once_across_a_restart(mqtt_served):
     _settings, bench, catalog, deployments, broker, start = mqtt_served
     device = f"ws-s{time.monotonic_ns()}"
-    token = catalog.add_device(device, "wine")
+    token = Devices(catalog).add_device(device, "wine")
     broker.service.poke()
     broker.wait_reload()
     deployments.put(build_spec(None, "wine", stream="wine"), who="test", action="deploy")

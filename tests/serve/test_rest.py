@@ -10,6 +10,7 @@ import httpx
 import pytest
 from servekit import instance, run
 
+from iot2ml.auth.store import Devices
 from iot2ml.query import run_query
 
 
@@ -176,10 +177,10 @@ def test_loaded_models_are_bounded_by_count_and_memory(trained, max_models, max_
 
 
 def test_devices_use_only_models_deployed_for_their_type(served):
-    served.catalog.add_type("wine", exist_ok=True)
-    served.catalog.add_type("pump", exist_ok=True)
-    wine_token = served.catalog.add_device(f"cellar-{time.monotonic_ns()}", "wine")
-    pump_token = served.catalog.add_device(f"pump-{time.monotonic_ns()}", "pump")
+    Devices(served.catalog).add_type("wine", exist_ok=True)
+    Devices(served.catalog).add_type("pump", exist_ok=True)
+    wine_token = Devices(served.catalog).add_device(f"cellar-{time.monotonic_ns()}", "wine")
+    pump_token = Devices(served.catalog).add_device(f"pump-{time.monotonic_ns()}", "pump")
     served.deploy("wine", devices="wine")
     served.wait_serving("wine", lambda d: d["devices"] == "wine")
     url = f"{served.url}/api/v1/models/wine/predict"
@@ -188,3 +189,36 @@ def test_devices_use_only_models_deployed_for_their_type(served):
     denied = httpx.post(url, json={"instances": [instance()]}, headers={"Authorization": f"Bearer {pump_token}"})
     assert denied.status_code == 403 and "--devices pump" in denied.json()["detail"]
     assert httpx.post(url, json={"instances": [instance()]}, headers=served.headers).status_code == 200  # API key
+
+
+def test_the_api_port_answers_predictions_itself_like_the_serving_port(served):
+    """The API mounts the same predict route over a runtime of its own: the same answers and statuses,
+    its models loaded on the first request, its figures recorded but no canary judge."""
+    from servekit import ServerThread, free_port
+
+    from iot2ml.api import create_app
+
+    served.deploy("wine", version="2")
+    served.wait_serving("wine", lambda d: d["variants"][0]["resolved_version"] == 2)
+    port = free_port()
+    api = ServerThread(create_app(served.settings, catalog=served.catalog), port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        state = httpx.get(f"{base}/api/v1/serving", headers=served.headers).json()
+        assert state["process"] == {"component": "api", "pid": state["process"]["pid"], "lazy": True, "judge": False}
+        assert [v["loaded"] for v in state["deployments"][0]["variants"]] == [False]  # not before a request
+        body = {"instances": [instance(3)], "request_id": "same"}
+        here = httpx.post(f"{base}/api/v1/models/wine/predict", json=body, headers=served.headers)
+        there = httpx.post(f"{served.url}/api/v1/models/wine/predict", json=body, headers=served.headers)
+        assert here.status_code == there.status_code == 200 and here.json() == there.json()
+        state = httpx.get(f"{base}/api/v1/serving", headers=served.headers).json()
+        assert [v["loaded"] for v in state["deployments"][0]["variants"]] == [True]
+        assert state["deployments"][0]["stats"][0]["requests_total"] == 1
+        for bad in ({"instances": [{"alcohol": 1}]}, {"rows": []}, [1], {"instances": [instance()] * 5000}):
+            a = httpx.post(f"{base}/api/v1/models/wine/predict", json=bad, headers=served.headers)
+            b = httpx.post(f"{served.url}/api/v1/models/wine/predict", json=bad, headers=served.headers)
+            assert a.status_code == b.status_code and a.status_code in (400, 413, 422) and a.json() == b.json()
+        r = httpx.post(f"{base}/api/v1/models/nope/predict", json=body, headers=served.headers)
+        assert r.status_code == 404 and "iot2ml deploy nope" in r.json()["detail"]
+    finally:
+        api.stop()

@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from iot2ml.core.catalog import parse_schema
+from iot2ml.core.devices import parse_schema
 from iot2ml.core.errors import InvalidInput
 from iot2ml.simulate.scenarios import (
     QUALITY_CLASSES,

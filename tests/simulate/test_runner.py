@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pytest
 
+from iot2ml.auth.store import Devices
 from iot2ml.core.catalog import Catalog
 from iot2ml.core.config import load_settings
 from iot2ml.core.errors import AuthError, BrokerUnavailable, ConfigError, NotFound
@@ -61,7 +62,7 @@ def test_mqtt_run_sends_every_reading_once_and_counts_pubacks(settings, mosquitt
         assert 1.0 < stamps[-1] - stamps[0] < 2.5  # paced at 10/s, not sent in one burst
     catalog = Catalog(settings.catalog)
     try:
-        assert {d.device_id: d.type for d in catalog.list_devices()} == dict.fromkeys(ids, "pump")
+        assert {d.device_id: d.type for d in Devices(catalog).list_devices()} == dict.fromkeys(ids, "pump")
     finally:
         catalog.close()
 
@@ -129,7 +130,7 @@ class _Recorder(ThreadingHTTPServer):
     """Answers the telemetry route like the API would: 201 if the bearer token is this device's."""
 
     def __init__(self, catalog_url: str) -> None:
-        self.catalog = Catalog(catalog_url)
+        self.devices = Devices(Catalog(catalog_url))
         self.posts: list[tuple[str, list[dict]]] = []
         self.refuse = False
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -142,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         device_id = self.path.split("/")[4]
         token = self.headers.get("Authorization", "").removeprefix("Bearer ")
-        owner = self.server.catalog.device_for_token(token)
+        owner = self.server.devices.device_for_token(token)
         ok = not self.server.refuse and owner is not None and owner.device_id == device_id and \
             self.path == f"/api/v1/devices/{device_id}/telemetry"
         if ok:
@@ -162,7 +163,7 @@ def api(settings) -> Iterator[_Recorder]:
     thread.start()
     yield server
     server.shutdown()
-    server.catalog.close()
+    server.devices.catalog.close()
 
 
 def test_http_run_posts_batches_with_each_devices_token(settings, api) -> None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 import iot2ml.simulate as simulate
-from iot2ml.core.catalog import parse_schema
+from iot2ml.core.devices import parse_schema
 from iot2ml.core.errors import AlreadyExists, NotFound
 from iot2ml.simulate.scenarios import FAULT_RATE, POLLUTANTS, SCENARIOS, get_scenario, register
 

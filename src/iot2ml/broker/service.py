@@ -1,5 +1,5 @@
-"""``iot2ml broker``: run the embedded NATS server, keep its users in step with the catalog,
-create the telemetry stream, restart the server if it dies."""
+"""``iot2ml broker``: run the embedded NATS server, keep its users in step with the device registry
+(handed in: ``auth.store.Devices`` over the catalog), create the telemetry stream, restart the server if it dies."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import threading
 import time
 from typing import Callable
 
-from ..core.catalog import Catalog
 from ..core.config import Settings
+from ..core.devices import DeviceDirectory
 from ..core.errors import BrokerUnavailable
 from ..core.runtime import claim_port, clear_run_info, free_port, secret, write_run_info
 from ..core.transport import STREAM, TELEMETRY_SUBJECT, service_url
@@ -47,13 +47,13 @@ async def ensure_stream(url: str, settings: Settings) -> None:
 
 
 class BrokerService:
-    """The embedded broker with catalog-driven users. ``start()``, then ``watch()`` until stopped."""
+    """The embedded broker whose users are the active ``devices``. ``start()``, then ``watch()`` until stopped."""
 
-    def __init__(self, settings: Settings, *, fallback_ports: bool = False) -> None:
+    def __init__(self, settings: Settings, devices: DeviceDirectory, *, fallback_ports: bool = False) -> None:
         import bcrypt
 
         self.settings = settings
-        self.catalog = Catalog(settings.catalog)
+        self.devices = devices
         host = settings.host
         self.ports = BrokerPorts(
             host=host,
@@ -73,13 +73,13 @@ class BrokerService:
         return service_url(self.settings.data_dir, self.ports.host, self.ports.nats_port)
 
     def _render(self) -> None:
-        self._seen_version = self.catalog.version()
+        self._seen_version = self.devices.version()
         self.nats.write_config(
             render_config(
                 ports=self.ports,
                 store_dir=(self.settings.data_dir / "broker" / "jetstream").absolute(),
                 service_password_hash=self._service_hash,
-                devices=self.catalog.broker_users(),
+                devices=self.devices.broker_users(),
                 max_payload=self.settings.max_payload_bytes,
                 max_store_bytes=self.settings.stream_max_bytes,
             )
@@ -104,7 +104,7 @@ class BrokerService:
 
     def refresh(self) -> bool:
         """Re-render and reload if the catalog changed; True if it did."""
-        if self.catalog.version() == self._seen_version:
+        if self.devices.version() == self._seen_version:
             return False
         self._render()
         self.nats.reload()
@@ -145,12 +145,11 @@ class BrokerService:
     def close(self) -> None:
         self.nats.stop()
         clear_run_info(self.settings.data_dir, "broker")
-        self.catalog.close()
 
 
-def run_broker(settings: Settings, *, fallback_ports: bool = False) -> None:
-    """Foreground ``iot2ml broker``: SIGTERM/SIGINT stop it, SIGHUP re-reads the catalog."""
-    service = BrokerService(settings, fallback_ports=fallback_ports)
+def run_broker(settings: Settings, devices: DeviceDirectory, *, fallback_ports: bool = False) -> None:
+    """Foreground ``iot2ml broker``: SIGTERM/SIGINT stop it, SIGHUP re-reads the devices."""
+    service = BrokerService(settings, devices, fallback_ports=fallback_ports)
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     signal.signal(signal.SIGINT, lambda *_: service.stop())
     signal.signal(signal.SIGHUP, lambda *_: service.poke())

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,12 +16,35 @@ from rich.console import Console
 
 from ..core.config import Settings, load_settings
 from ..core.errors import Iot2mlError
+from ..core.logs import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="iot2ml: devices -> broker -> Delta lake -> SQL.")
 
-console = Console()
+_WIDE = 1000
+"""Columns of a console that is not a terminal (a log file, a pipe): lines are never wrapped there."""
 
-err_console = Console(stderr=True)
+
+def _console(*, stderr: bool = False) -> Console:
+    """A terminal's own width; elsewhere wide and unwrapped (``COLUMNS`` too is ignored: shells
+    export the terminal's), so a script or a log gets each line whole."""
+    try:
+        tty = (sys.stderr if stderr else sys.stdout).isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if tty:
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=_WIDE, soft_wrap=True)
+
+
+console = _console()
+
+err_console = _console(stderr=True)
+
+
+@app.callback()
+def _quiet() -> None:
+    """Our warnings on stderr; other libraries' messages and Python warnings into the debug log."""
+    setup_logging(component=False)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory \\[env IOT2ML_DATA_DIR].")]
 NatsPort = Annotated[int | None, typer.Option("--nats-port", help="NATS port, 0 = pick a free one.")]
@@ -29,6 +56,66 @@ CatalogUrl = Annotated[str | None, typer.Option("--catalog-url", help="Catalog D
 MqttUrl = Annotated[str | None, typer.Option("--mqtt-url", help="Also ingest from an external MQTT broker (mqtt://host:port).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 Reason = Annotated[str, typer.Option(help="Why: kept in the audit trail ('iot2ml deployments history').")]
+
+SHARED_OPTIONS: dict[str, Any] = {
+    "data_dir": DataDir, "catalog_url": CatalogUrl, "host": Host, "mqtt_url": MqttUrl,
+    "nats_port": NatsPort, "mqtt_port": MqttPort, "http_port": HttpPort, "serve_port": ServePort,
+}
+"""The options ``up``, ``demo`` and every component command take (each ignores those it does not use),
+so one set of flags or one config starts any of them."""
+
+
+def shared_options(fn: Callable[..., Any], own: Sequence[inspect.Parameter] | None = None) -> Callable[..., Any]:
+    """A command with every ``SHARED_OPTIONS`` option, then ``fn``'s own (or ``own``); ``fn`` is called
+    as ``fn(options, **own)`` with ``options`` = ``{name: value or None}`` of the shared ones."""
+    if own is None:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "options"]
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+              for name, annotation in SHARED_OPTIONS.items()]
+    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+
+    def command(**given: Any) -> Any:
+        return fn({name: given.pop(name) for name in SHARED_OPTIONS}, **given)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__name__, command.__qualname__, command.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    command.__module__ = fn.__module__
+    return command
+
+
+def command_line(name: str, options: dict[str, Any], *extra: str) -> list[str]:
+    """The command as the user gave it (``iot2ml NAME``, ``extra``, then the shared options given)."""
+    argv = ["iot2ml", name, *extra]
+    for key, value in options.items():
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    return argv
+
+
+def _wait_for_platform(settings: Settings, *components: str) -> None:
+    """For commands that talk to the running platform: wait up to ``settings.platform_wait`` seconds
+    for ``components`` of one that is starting (saying so once), then fail naming what to start."""
+    from ..core.runtime import wait_for_run_info
+
+    timeout = settings.platform_wait
+    said: list[bool] = []
+
+    def say() -> None:
+        if not said:
+            err_console.print(f"waiting for the platform to start under {settings.data_dir}...")
+            said.append(True)
+
+    deadline = time.monotonic() + timeout
+    for name in components:
+        _run(wait_for_run_info, settings.data_dir, name, timeout=max(0.0, deadline - time.monotonic()), on_wait=say)
+    from ..supervisor import running_platform
+
+    # Under `up`, wait for all of it (the ingest too), as `up --detach` does.
+    while (info := running_platform(settings.data_dir)) and info["state"] == "starting":
+        if time.monotonic() > deadline:
+            break
+        say()
+        time.sleep(0.2)
 
 
 def _settings(**overrides: Any) -> Settings:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..core.config import Settings
+from ..core.errors import Iot2mlError
 from ._common import (
     AsJson,
     CatalogUrl,
     DataDir,
     _run,
     _settings,
+    _wait_for_platform,
     app,
     console,
 )
@@ -86,13 +89,54 @@ def simulate(
     from ..simulate import run_simulation
 
     settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url)
+    _wait_for_platform(settings, "broker" if transport == "mqtt" else "api")
     start_time = step_s = None
     if backfill is not None:
         span, step_s = _run(parse_duration, backfill), _run(parse_duration, step)
         start_time = time.time() - span
         duration = math.ceil(span / step_s) / rate  # every simulated step of the span, at --rate
     stats = _run(run_simulation, settings, scenario, devices=devices, rate=rate, duration=duration,
-                 transport=transport, id_prefix=id_prefix, progress=True, start_time=start_time, step=step_s)
+                 transport=transport, id_prefix=id_prefix, progress=console.is_terminal, start_time=start_time, step=step_s)
     console.print(f"sent {stats.sent}, acknowledged {stats.acked}, failed {stats.failed} in {stats.elapsed:.1f} s")
+    if stats.acked:
+        _report_stored(settings, scenario, stats)
     if stats.failed:
         raise typer.Exit(1)
+
+
+def _report_stored(settings: Settings, scenario: str, stats: Any, *, timeout: float = 30.0) -> None:
+    """Wait (up to ``timeout`` s) until the ingest has written the acknowledged readings of this run
+    (its ``msg_id``s hold the run id), so the next query sees them; say how many are in the lake."""
+    import time
+
+    from ..core.errors import NotFound
+    from ..core.runtime import running_info
+    from ..lake import Lake
+    from ..query import run_query
+    from ..simulate import get_scenario
+
+    table = get_scenario(scenario).device_type
+    try:
+        running_info(settings.data_dir, "ingest")
+    except NotFound:
+        console.print(f"the ingest is not running: the readings wait in the broker for it (table {table})")
+        return
+    lake = Lake(settings.lake, settings.lake_storage_options)
+    tag = f"%-{stats.run_id}-%"
+
+    def count(sql: str) -> int:
+        try:
+            return int(run_query(lake, sql, timeout=10).rows[0][0])
+        except Iot2mlError:  # not created yet
+            return 0
+
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = count(f"SELECT count(*) FROM \"{table}\" WHERE msg_id LIKE '{tag}'")
+        dead = count(f"SELECT count(*) FROM dead_letters WHERE payload LIKE '{tag}'") if stored < stats.acked else 0
+        if stored + dead >= stats.acked or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    rejected = f", {dead} dead-lettered" if dead else ""
+    waiting = "" if stored + dead >= stats.acked else f" so far ({stats.acked - stored - dead} not yet written)"
+    console.print(f"stored {stored} in table {table}{rejected}{waiting}")

@@ -1,4 +1,10 @@
-"""Deployments: deploy, rollback, undeploy, and their history."""
+"""Deployments: deploy, rollback, undeploy, and their history.
+
+A change returns once every running serving process (``iot2ml serve``, and the API's own runtime)
+serves it: the deployment's new generation with its models loaded, or its absence after
+``undeploy`` (``serve.control.confirm``). ``--no-wait`` returns as soon as it is stored; past
+``--wait-timeout`` the command says which process did not apply it and exits with code 3 (the
+change stays stored and applies when that process catches up)."""
 
 from __future__ import annotations
 
@@ -20,10 +26,44 @@ from ._common import (
     _who,
     app,
     console,
+    err_console,
 )
 
 deployments_app = typer.Typer(no_args_is_help=True, help="Deployed models: what serves, and every change to it.")
 app.add_typer(deployments_app, name="deployments")
+
+
+NoWait = Annotated[bool, typer.Option("--no-wait", help="Return once the change is stored, without waiting for "
+                                                          "the serving processes to apply it.")]
+WaitTimeout = Annotated[float, typer.Option("--wait-timeout", min=0.1, help="Seconds the serving processes may "
+                                            "take to apply the change; past them exit code 3 (it stays stored).")]
+NOT_CONFIRMED_EXIT = 3
+
+
+def _finish(settings: Any, store: Any, name: str, info: dict[str, Any], *, no_wait: bool, timeout: float,
+            as_json: bool, show: Any) -> None:
+    """Wait for the serving processes to serve ``name`` as the catalog has it now, then print ``info``
+    (``show(info)`` unless ``--json``); exit 3 naming what did not confirm in time."""
+    from ..core.errors import NotConfirmed
+    from ..serve.control import confirm, serving_peers
+
+    failure = None
+    if not no_wait:
+        try:
+            info["confirmed_by"] = confirm(serving_peers(settings.data_dir), name, lambda: store.get(name),
+                                           timeout=timeout)
+        except NotConfirmed as err:
+            failure = err
+    if as_json:
+        print(json.dumps(info))
+    else:
+        show(info)
+        if "confirmed_by" in info:
+            console.print("  applied by " + (", ".join(info["confirmed_by"]) or
+                                             "no serving process (none is running: it applies when one starts)"))
+    if failure is not None:
+        err_console.print(f"[bold red]not confirmed:[/] {failure}")
+        raise typer.Exit(NOT_CONFIRMED_EXIT)
 
 
 def _deployments(data_dir: Path | None, catalog_url: str | None):
@@ -62,10 +102,11 @@ def deploy(
     shadow: Annotated[str | None, typer.Option(help="Mirror every request to this version; its answers are only logged.")] = None,
     stream: Annotated[str | None, typer.Option(help="Score every arriving row of this device type ('' stops).")] = None,
     devices: Annotated[str | None, typer.Option(help="Answer MQTT requests without 'model' of devices of this type ('' stops).")] = None,
-    reason: Reason = "",
+    reason: Reason = "", no_wait: NoWait = False, wait_timeout: WaitTimeout = 30.0,
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Serve a registered model on /api/v1/models/NAME/predict: champion, a version, a canary, an A/B test."""
+    from ..auth.store import Devices
     from ..ml.workbench import Workbench
     from ..serve.control import deploy as apply
 
@@ -75,14 +116,12 @@ def deploy(
         from ..core.timeutil import parse_duration
 
         bake_seconds = _run(parse_duration, bake)
-    registry = _run(lambda: Workbench(settings).registry.client)
-    info = _run(apply, store, catalog, registry, name, who=_who(), version=version, canary=canary,
+    registry = _run(lambda: Workbench(settings).registry)
+    info = _run(apply, store, Devices(catalog), registry, name, who=_who(), version=version, canary=canary,
                 bake_seconds=bake_seconds, rollback_on=rollback_on, ab=ab, shadow=shadow, stream=stream,
                 devices=devices, reason=reason)
-    if as_json:
-        print(json.dumps(info))
-        return
-    _print_deployment(info)
+    _finish(settings, store, name, info, no_wait=no_wait, timeout=wait_timeout, as_json=as_json,
+            show=_print_deployment)
 
 @deployments_app.command("list")
 def deployments_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
@@ -128,29 +167,25 @@ def deployments_history(
 
 @app.command()
 def rollback(
-    name: str, reason: Reason = "",
+    name: str, reason: Reason = "", no_wait: NoWait = False, wait_timeout: WaitTimeout = 30.0,
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Restore the deployment as it was before its last change (a restored canary bakes anew)."""
     from ..serve.control import summary
 
-    _, _, store = _deployments(data_dir, catalog_url)
+    settings, _, store = _deployments(data_dir, catalog_url)
     restored = _run(store.rollback, name, who=_who(), reason=reason)
     info = {**summary(restored), "action": "rollback"}
-    if as_json:
-        print(json.dumps(info))
-        return
-    _print_deployment(info)
+    _finish(settings, store, name, info, no_wait=no_wait, timeout=wait_timeout, as_json=as_json,
+            show=_print_deployment)
 
 @app.command()
 def undeploy(
-    name: str, reason: Reason = "",
+    name: str, reason: Reason = "", no_wait: NoWait = False, wait_timeout: WaitTimeout = 30.0,
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Stop serving a model (its history stays; 'iot2ml deploy NAME' serves it again)."""
-    _, _, store = _deployments(data_dir, catalog_url)
+    settings, _, store = _deployments(data_dir, catalog_url)
     _run(store.remove, name, who=_who(), reason=reason)
-    if as_json:
-        print(json.dumps({"name": name, "deployed": False}))
-    else:
-        console.print(f"{name} is no longer served")
+    _finish(settings, store, name, {"name": name, "deployed": False}, no_wait=no_wait, timeout=wait_timeout,
+            as_json=as_json, show=lambda _info: console.print(f"{name} is no longer served"))

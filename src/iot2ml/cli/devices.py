@@ -28,6 +28,20 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(types_app, name="types")
 
 
+def _devices(data_dir, catalog_url):
+    from ..auth.store import Devices
+
+    settings, catalog = _catalog(data_dir, catalog_url)
+    return settings, _run(Devices, catalog)
+
+
+def _keys(data_dir, catalog_url):
+    from ..auth.store import Keys
+
+    settings, catalog = _catalog(data_dir, catalog_url)
+    return settings, _run(Keys, catalog)
+
+
 @devices_app.command("add")
 def devices_add(
     device_id: str, type: Annotated[str, typer.Option("--type", help="Device type = curated table name.")],
@@ -35,8 +49,8 @@ def devices_add(
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Register a device and print its token (shown once; only a hash is stored)."""
-    settings, catalog = _catalog(data_dir, catalog_url)
-    token = _run(catalog.add_device, device_id, type, rotate=rotate)
+    settings, devices = _devices(data_dir, catalog_url)
+    token = _run(devices.add_device, device_id, type, rotate=rotate)
     _poke_broker(settings)
     if as_json:
         print(json.dumps({"device_id": device_id, "token": token}))
@@ -46,16 +60,16 @@ def devices_add(
 @devices_app.command("remove")
 def devices_remove(device_id: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
     """Revoke a device: its token stops working at once; its data stays."""
-    settings, catalog = _catalog(data_dir, catalog_url)
-    _run(catalog.remove_device, device_id)
+    settings, devices = _devices(data_dir, catalog_url)
+    _run(devices.remove_device, device_id)
     _poke_broker(settings)
     console.print(f"device {device_id} revoked")
 
 @devices_app.command("list")
 def devices_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
     """List devices."""
-    _, catalog = _catalog(data_dir, catalog_url)
-    rows = [{"device_id": d.device_id, "type": d.type, "active": d.active} for d in catalog.list_devices()]
+    _, devices = _devices(data_dir, catalog_url)
+    rows = [{"device_id": d.device_id, "type": d.type, "active": d.active} for d in devices.list_devices()]
     if as_json:
         print(json.dumps(rows))
         return
@@ -72,8 +86,8 @@ def keys_add(
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Create an API key for the HTTP API and print it (shown once)."""
-    _, catalog = _catalog(data_dir, catalog_url)
-    key = _run(catalog.add_key, name, role)
+    _, keys = _keys(data_dir, catalog_url)
+    key = _run(keys.add_key, name, role)
     if as_json:
         print(json.dumps({"name": name, "key": key}))
     else:
@@ -82,15 +96,15 @@ def keys_add(
 @keys_app.command("remove")
 def keys_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
     """Delete an API key."""
-    _, catalog = _catalog(data_dir, catalog_url)
-    _run(catalog.remove_key, name)
+    _, keys = _keys(data_dir, catalog_url)
+    _run(keys.remove_key, name)
     console.print(f"API key {name} removed")
 
 @keys_app.command("list")
 def keys_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
     """List API key names and roles."""
-    _, catalog = _catalog(data_dir, catalog_url)
-    rows = [{"name": n, "role": r} for n, r in catalog.list_keys()]
+    _, keys = _keys(data_dir, catalog_url)
+    rows = [{"name": n, "role": r} for n, r in keys.list_keys()]
     print(json.dumps(rows)) if as_json else [console.print(f"{r['name']}\t{r['role']}") for r in rows]
 
 @types_app.command("add")
@@ -100,13 +114,13 @@ def types_add(
     data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Create a device type, optionally declaring column types up front."""
-    _, catalog = _catalog(data_dir, catalog_url)
-    t = _run(catalog.add_type, name, schema, exist_ok=True)
+    _, devices = _devices(data_dir, catalog_url)
+    t = _run(devices.add_type, name, schema, exist_ok=True)
     console.print(f"type {t.name}: {t.schema or 'columns discovered from data'}")
 
 @types_app.command("list")
 def types_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
     """List device types."""
-    _, catalog = _catalog(data_dir, catalog_url)
-    rows = [{"name": t.name, "schema": t.schema} for t in catalog.list_types()]
+    _, devices = _devices(data_dir, catalog_url)
+    rows = [{"name": t.name, "schema": t.schema} for t in devices.list_types()]
     print(json.dumps(rows)) if as_json else [console.print(f"{r['name']}\t{r['schema'] or '-'}") for r in rows]

@@ -90,7 +90,7 @@ def train(
 
             options["label_window"] = _run(parse_duration, label_window)
         if task == "forecast":
-            options.setdefault("progress", not as_json)
+            options.setdefault("progress", console.is_terminal and not as_json)  # no bars in logs and pipes
         job = _run(TrainJob, task=task, table=table, name=name, options=options, where=where)
     bench = _workbench(data_dir)
     with console.status(f"training {job.task} model {job.name} on {job.table}..."):
@@ -151,7 +151,7 @@ def schedule_add(
     data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Add a retraining schedule (the model is named by --name in --train, else by the schedule)."""
-    from ..core.catalog import Schedules
+    from ..ml.schedules import Schedules
     from ..core.timeutil import parse_duration
     from ..ml.scheduler import parse_train_args
 
@@ -165,7 +165,7 @@ def schedule_add(
 @schedule_app.command("list")
 def schedule_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
     """List schedules."""
-    from ..core.catalog import Schedules
+    from ..ml.schedules import Schedules
 
     _, catalog = _catalog(data_dir, catalog_url)
     rows = [{"name": s.name, "job": s.job, "every_seconds": s.every_seconds, "min_new_rows": s.min_new_rows,
@@ -178,7 +178,7 @@ def schedule_runs(
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """History of scheduled runs: trigger, status, duration, error, model version."""
-    from ..core.catalog import Schedules
+    from ..ml.schedules import Schedules
 
     _, catalog = _catalog(data_dir, catalog_url)
     rows = Schedules(catalog).runs(name)
@@ -196,7 +196,7 @@ def schedule_runs(
 @schedule_app.command("remove")
 def schedule_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
     """Delete a schedule (its run history stays)."""
-    from ..core.catalog import Schedules
+    from ..ml.schedules import Schedules
 
     _, catalog = _catalog(data_dir, catalog_url)
     _run(Schedules(catalog).remove, name)

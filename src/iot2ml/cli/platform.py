@@ -1,58 +1,104 @@
-"""``up``, ``demo`` and the components one by one: broker, ingest, api, scheduler, serve."""
+"""``up``, ``down``, ``demo`` and one command per component of ``components.COMPONENTS``.
+
+All of them take the shared options (``_common.SHARED_OPTIONS``), so one set of flags or one
+``iot2ml.toml`` starts any of them; a component command ignores the options it does not use.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
 import signal
 import threading
 from typing import Annotated, Any
 
 import typer
 
+from ..components import COMPONENTS, Component
 from ._common import (
-    CatalogUrl,
+    AsJson,
     DataDir,
-    Host,
-    HttpPort,
-    MqttPort,
-    MqttUrl,
-    NatsPort,
-    ServePort,
     _run,
     _settings,
     app,
+    command_line,
     console,
+    shared_options,
 )
+
+Detach = Annotated[bool, typer.Option(
+    "--detach", "-d", help="Start in the background (logs in DATA_DIR/run/) and return once every component "
+                           "answers; 'iot2ml down' stops it.")]
+
+
+def up(options: dict[str, Any], detach: Detach = False, as_json: AsJson = False) -> None:
+    """Start the embedded broker, the ingest, the API, the scheduler and the serving runtime; Ctrl-C stops all."""
+    from ..supervisor import Platform, running_platform, start_detached
+
+    settings = _run(_settings, **options)
+    flags = ["--detach"] * detach + ["--json"] * as_json
+    platform = Platform(settings, command=command_line("up", options, *flags))
+    if not detach:
+        _serve(platform, as_json=as_json)
+        return
+    from ..core.runtime import secret
+
+    running = running_platform(settings.data_dir)
+    if running is None:
+        _run(platform.settle_ports)  # every busy port now, with the command line that avoids them
+    elif not as_json:
+        console.print(f"iot2ml already runs under {settings.data_dir} (pid {running['pid']})")
+    child = command_line("up", {**options, "data_dir": settings.data_dir.absolute()})[1:]
+    with console.status("starting in the background..."):
+        info = _run(start_detached, child, settings.data_dir)
+    _banner(info, secret(settings.data_dir, "admin.key"), as_json=as_json)
+    if not as_json:
+        console.print(f"running in the background, logs in {settings.data_dir / 'run'}: "
+                      f"'iot2ml down --data-dir {settings.data_dir}' stops it")
+
+
+app.command()(shared_options(up))
 
 
 @app.command()
-def up(
-    data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
-    host: Host = None, catalog_url: CatalogUrl = None, mqtt_url: MqttUrl = None, serve_port: ServePort = None,
-) -> None:
-    """Start the embedded broker, the ingest, the API, the scheduler and the serving runtime; Ctrl-C stops all."""
-    settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, http_port=http_port,
-                    host=host, catalog_url=catalog_url, mqtt_url=mqtt_url, serve_port=serve_port)
-    from ..supervisor import Platform
+def down(data_dir: DataDir = None) -> None:
+    """Stop the platform 'iot2ml up' runs for this data dir (in the background or not); harmless if none runs."""
+    from ..supervisor import stop_platform
 
-    platform = Platform(settings)
-    _serve(platform)
+    settings = _run(_settings, data_dir=data_dir)
+    with console.status(f"stopping iot2ml under {settings.data_dir}..."):
+        stopped = _run(stop_platform, settings.data_dir)
+    if stopped is None:
+        console.print(f"nothing runs under {settings.data_dir}")
+    else:
+        console.print(f"stopped {', '.join(stopped) or 'the supervisor'} under {settings.data_dir}")
 
-def _start(platform: Any) -> None:
-    with console.status("starting broker, ingest, API, scheduler and serving..."):
-        _run(platform.start)
-    for note in platform.notes:
+
+def _banner(info: dict[str, Any], admin_key: str, *, as_json: bool = False) -> None:
+    """What ``up`` prints once everything answers: ``info`` is the supervisor's ``up.json``."""
+    if as_json:
+        urls = {e["key"]: e["url"] for e in info["endpoints"]}
+        keys = ("data_dir", "host", "nats_port", "mqtt_port", "http_port", "serve_port", "notes", "pid")
+        print(json.dumps({**{k: info.get(k) for k in keys}, "urls": urls, "admin_key": admin_key}), flush=True)
+        return
+    for note in info.get("notes", ()):
         console.print(f"[yellow]note:[/] {note}")
-    urls = platform.urls
     console.print("[bold green]iot2ml is up[/]")
-    console.print(f"  MQTT      {urls['mqtt']}   (topic devices/<id>/telemetry, user <id>, password <token>)")
-    console.print(f"  HTTP API  {urls['http']}   docs {urls['docs']}")
-    console.print(f"  predict   {urls['serve']}/api/v1/models/<name>/predict   (after 'iot2ml deploy <name>')")
-    console.print(f"  NATS      {urls['nats']}")
-    console.print(f"  metrics   {urls['metrics']}")
-    console.print(f"  data dir  {platform.settings.data_dir}")
-    console.print(f"  admin key {platform.admin_key}")
+    rows = [(e["label"], e["url"] + (f"   ({e['note']})" if e["note"] else "")) for e in info["endpoints"]]
+    rows += [("data dir", info["data_dir"]), ("admin key", admin_key)]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        console.print(f"  {label:<{width}} {value}", highlight=False)
 
-def _serve(platform: Any, *, extra: Any = None) -> None:
+
+def _start(platform: Any, *, as_json: bool = False) -> None:
+    names = [c.name for c in platform.components]
+    with console.status(f"starting {', '.join(names)}..."):
+        _run(platform.start)
+    _banner(platform.status("up"), platform.admin_key, as_json=as_json)
+
+
+def _serve(platform: Any, *, extra: Any = None, as_json: bool = False) -> None:
     stopping = threading.Event()
 
     def on_signal(*_: Any) -> None:
@@ -62,28 +108,29 @@ def _serve(platform: Any, *, extra: Any = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        _start(platform)
+        _start(platform, as_json=as_json)
         if extra is not None:
             extra(platform, stopping)
         else:
-            console.print("press Ctrl-C to stop")
+            if not as_json:
+                console.print("press Ctrl-C to stop")
             platform.watch()
     finally:
+        started = any(platform.pids().values())
         with console.status("stopping..."):
             platform.shutdown()
-        console.print("stopped")
+        if started and not as_json:
+            console.print("stopped")
 
-@app.command()
+
 def demo(
-    data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
-    host: Host = None, serve_port: ServePort = None,
+    options: dict[str, Any],
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     devices: Annotated[int, typer.Option(help="Simulated devices per scenario.")] = 5,
     rate: Annotated[float, typer.Option(help="Messages per second per device.")] = 1.0,
 ) -> None:
-    """`up` plus simulated pollution and pump devices; shows live counts and a sample query."""
-    settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, http_port=http_port,
-                    host=host, serve_port=serve_port)
+    """`up` plus simulated pollution and pump devices; shows live counts and a sample query (busy ports: free ones)."""
+    settings = _run(_settings, **options)
     from ..demo import run_demo
     from ..supervisor import Platform
 
@@ -91,66 +138,31 @@ def demo(
     _serve(platform, extra=lambda p, stopping: run_demo(p, stopping, console=console, duration=duration,
                                                        devices=devices, rate=rate))
 
-@app.command()
-def broker(
-    data_dir: DataDir = None, nats_port: NatsPort = None, mqtt_port: MqttPort = None, host: Host = None,
-    catalog_url: CatalogUrl = None,
-) -> None:
-    """Run only the embedded broker (NATS with MQTT and JetStream)."""
-    from ..components import run_broker_component
-    from ..core.logs import setup_logging
 
-    setup_logging()
-    settings = _run(_settings, data_dir=data_dir, nats_port=nats_port, mqtt_port=mqtt_port, host=host,
-                    catalog_url=catalog_url)
-    _run(run_broker_component, settings)
+app.command()(shared_options(demo))
 
-@app.command()
-def ingest(
-    data_dir: DataDir = None, catalog_url: CatalogUrl = None, mqtt_url: MqttUrl = None,
-    nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None, host: Host = None,
-) -> None:
-    """Run only the ingest: broker stream -> Delta lake, exactly once."""
-    from ..components import run_ingest_component
-    from ..core.logs import setup_logging
 
-    setup_logging()
-    settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url, mqtt_url=mqtt_url)
-    _run(run_ingest_component, settings)
+def _component_command(component: Component) -> None:
+    """``iot2ml <component>``: the shared options, then the component's own switches."""
 
-@app.command()
-def api(
-    data_dir: DataDir = None, http_port: HttpPort = None, host: Host = None, catalog_url: CatalogUrl = None,
-    nats_port: NatsPort = None, mqtt_port: MqttPort = None,
-) -> None:
-    """Run only the HTTP API."""
-    from ..components import run_api_component
-    from ..core.logs import setup_logging
+    def run(options: dict[str, Any], **switches: bool) -> None:
+        from ..core.logs import setup_logging
+        from ..core.runtime import settle_ports
 
-    setup_logging()
-    settings = _run(_settings, data_dir=data_dir, http_port=http_port, host=host, catalog_url=catalog_url)
-    _run(run_api_component, settings)
+        setup_logging()
+        settings = _run(_settings, **options)
+        flags = [s.flag for s in component.switches if switches.get(s.name)]
+        _run(settle_ports, settings.host, {p.flag: getattr(settings, p.setting) for p in component.ports},
+             command=command_line(component.name, options, *flags))  # every busy port at once
+        _run(component.run, settings, **switches)
 
-@app.command()
-def serve(
-    data_dir: DataDir = None, serve_port: ServePort = None, host: Host = None, catalog_url: CatalogUrl = None,
-    no_broker: Annotated[bool, typer.Option("--no-broker", help="REST only: no MQTT requests, no streaming.")] = False,
-) -> None:
-    """Run only the serving runtime: deployed models over REST, MQTT request/reply and streaming."""
-    from ..components import run_serve_component
-    from ..core.logs import setup_logging
+    own = [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=False,
+                             annotation=Annotated[bool, typer.Option(s.flag, help=s.help)])
+           for s in component.switches]
+    run.__name__ = run.__qualname__ = component.name
+    run.__doc__ = component.help
+    app.command(name=component.name)(shared_options(run, own))
 
-    setup_logging()
-    settings = _run(_settings, data_dir=data_dir, serve_port=serve_port, host=host, catalog_url=catalog_url)
-    _run(run_serve_component, settings, broker=not no_broker)
 
-@app.command()
-def scheduler(data_dir: DataDir = None, catalog_url: CatalogUrl = None,
-              nats_port: NatsPort = None, mqtt_port: MqttPort = None, http_port: HttpPort = None,
-              host: Host = None) -> None:
-    """Run only the retraining scheduler."""
-    from ..core.logs import setup_logging
-    from ..ml.scheduler import run_scheduler_component
-
-    setup_logging()
-    _run(run_scheduler_component, _run(_settings, data_dir=data_dir, catalog_url=catalog_url))
+for _component in COMPONENTS:
+    _component_command(_component)

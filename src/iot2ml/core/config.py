@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     serve_max_model_mb: float = Field(4096.0, gt=0, description="Memory the loaded models may take, in MB (LRU).")
     serve_max_batch: int = Field(512, ge=1, description="Most rows one model call answers (micro-batching).")
     serve_log_predictions: bool = Field(True, description="Write every answer to the prediction_log table.")
+    platform_wait: float = Field(30.0, ge=0, description="Seconds a command that needs the running platform "
+                                 "(simulate) waits for one that is starting.")
     query_timeout: float = Field(30.0, gt=0, description="Seconds a SQL query may run.")
     query_max_rows: int = Field(100_000, gt=0, description="Most rows a SQL query returns.")
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 
 from .errors import InvalidInput
+from .tables import BASE_COLUMNS, BUILT_IN
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _TYPE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _FIELD_BAD = re.compile(r"[^a-z0-9_]")
 
-RESERVED_TABLES = frozenset({"raw", "dead_letters", "labels", "predictions", "prediction_log"})
-RESERVED_COLUMNS = frozenset({"device_id", "ts", "received_at", "msg_id", "_seq"})
+RESERVED_TABLES = frozenset(BUILT_IN)
+"""Names of the built-in lake tables: no device type may take one."""
+RESERVED_COLUMNS = frozenset(BASE_COLUMNS)
+"""Columns every device type's table has: no reading field may take one."""
 
 
 def check_device_id(device_id: str) -> str:

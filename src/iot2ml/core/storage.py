@@ -1,11 +1,10 @@
-"""The interface between modules and the lake: named tables of Arrow data with exactly-once appends."""
+"""The interface between modules and the lake: named tables of Arrow data with exactly-once appends.
+
+The tables the platform writes itself are named in ``core/tables.py``."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
-
-RAW = "raw"
-DEAD_LETTERS = "dead_letters"
 
 
 class TableStore(Protocol):
@@ -25,4 +24,8 @@ class TableStore(Protocol):
 
     def txn_version(self, table: str, app_id: str) -> int | None:
         """The last ``version`` committed by ``app_id`` to ``table``, or ``None``."""
+        ...
+
+    def dataset(self, table: str) -> Any:
+        """A ``pyarrow.dataset.Dataset`` of the table's current version (``NotFound`` if it does not exist)."""
         ...

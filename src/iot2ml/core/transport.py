@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BrokerUnavailable, NotFound
-from .runtime import read_run_info, secret
+from .runtime import secret, wait_for_run_info
 
 STREAM = "TELEMETRY"
 TELEMETRY_SUBJECT = "devices.*.telemetry"
@@ -22,10 +23,11 @@ def service_url(data_dir: Path, host: str, port: int) -> str:
     return f"nats://{SERVICE_USER}:{secret(data_dir, 'service.password')}@{host}:{port}"
 
 
-def find_broker(data_dir: Path) -> str:
-    """The service URL of the broker running for ``data_dir``."""
+def find_broker(data_dir: Path, *, wait: float | None = 0.0, on_wait: Callable[[], None] | None = None) -> str:
+    """The service URL of the broker running for ``data_dir``, waiting up to ``wait`` seconds
+    (``None``: for ever) for one that is starting; ``BrokerUnavailable`` if none runs."""
     try:
-        info = read_run_info(data_dir, "broker")
+        info = wait_for_run_info(data_dir, "broker", timeout=wait, on_wait=on_wait)
     except NotFound as err:
         raise BrokerUnavailable(str(err)) from None
     return service_url(data_dir, info["host"], info["nats_port"])

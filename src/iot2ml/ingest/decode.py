@@ -23,19 +23,11 @@ import pyarrow as pa
 
 from ..core.errors import InvalidInput
 from ..core.ids import RESERVED_COLUMNS, column_name
+from ..core.tables import BASE_FIELDS, DEAD_LETTERS_SCHEMA, RAW_SCHEMA
 from ..core.timeutil import to_epoch_us
 
 TS = pa.timestamp("us", tz="UTC")
 ARROW_TYPES = {"float": pa.float64(), "int": pa.int64(), "string": pa.string(), "bool": pa.bool_(), "timestamp": TS}
-RAW_SCHEMA = pa.schema([
-    ("_seq", pa.int64()), ("topic", pa.string()), ("device_id", pa.string()),
-    ("received_at", TS), ("payload", pa.string()), ("day", pa.string()),
-])
-DEAD_SCHEMA = pa.schema([
-    ("_seq", pa.int64()), ("device_id", pa.string()), ("topic", pa.string()), ("received_at", TS),
-    ("reason", pa.string()), ("payload", pa.string()), ("day", pa.string()),
-])
-BASE_FIELDS = [("device_id", pa.string()), ("ts", TS), ("received_at", TS), ("msg_id", pa.string()), ("_seq", pa.int64())]
 _MS_THRESHOLD = 1e11
 _MAX_US = 7_258_118_400 * 1_000_000
 _DEAD_PAYLOAD_CHARS = 4096
@@ -160,7 +152,7 @@ class Decoder:
 
     def decode(self, messages: list[InMessage]) -> Decoded:
         raw_cols: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
-        dead: dict[str, list] = {name: [] for name in DEAD_SCHEMA.names}
+        dead: dict[str, list] = {name: [] for name in DEAD_LETTERS_SCHEMA.names}
         by_type: dict[str, _Rows] = {}
         result = Decoded(raw=None, curated={}, dead_letters=None, seq_hi=0)  # type: ignore[arg-type]
 
@@ -248,7 +240,7 @@ class Decoder:
             schema=RAW_SCHEMA,
         )
         result.dead_letters = pa.table(
-            {k: pa.array(v, DEAD_SCHEMA.field(k).type) for k, v in dead.items()}, schema=DEAD_SCHEMA
+            {k: pa.array(v, DEAD_LETTERS_SCHEMA.field(k).type) for k, v in dead.items()}, schema=DEAD_LETTERS_SCHEMA
         )
         result.dead = result.dead_letters.num_rows
         self.dedup.expire(time.time())

@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.catalog import Catalog
 from ..core.config import Settings
+from ..core.devices import DeviceDirectory
 from ..core.errors import LakeUnavailable
-from ..core.storage import DEAD_LETTERS, RAW, TableStore
+from ..core.storage import TableStore
+from ..core.tables import BASE_COLUMNS, DEAD_LETTERS, RAW
 from ..core.transport import STREAM, TELEMETRY_SUBJECT
 from .consumer import OrderedReader
-from .decode import BASE_FIELDS, Decoded, Decoder, InMessage, kind_of
+from .decode import Decoded, Decoder, InMessage, kind_of
 from .metrics import metrics
 
 log = logging.getLogger("iot2ml.ingest")
 
 APP_ID = "iot2ml-ingest"
-_BASE = {name for name, _ in BASE_FIELDS}
 
 
 @dataclass
@@ -49,18 +49,18 @@ class IngestStats:
 
 
 class _DeviceTypes:
-    """``device_id -> type`` from the catalog, reloaded on a miss (at most once a second)."""
+    """``device_id -> type`` from the device registry, reloaded on a miss (at most once a second)."""
 
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
+    def __init__(self, devices: DeviceDirectory) -> None:
+        self.devices = devices
         self._map: dict[str, str] = {}
         self._declared: dict[str, dict[str, str]] = {}
         self._loaded_at = 0.0
         self.reload()
 
     def reload(self) -> None:
-        self._map = self.catalog.device_types()
-        self._declared = {t.name: t.schema for t in self.catalog.list_types() if t.schema}
+        self._map = self.devices.device_types()
+        self._declared = {t.name: t.schema for t in self.devices.list_types() if t.schema}
         self._loaded_at = time.monotonic()
 
     def __call__(self, device_id: str) -> str | None:
@@ -151,7 +151,7 @@ def table_schemas(lake: TableStore) -> dict[str, dict[str, str]]:
             continue
         schema = lake.schema(table)
         if schema is not None:
-            out[table] = {f.name: kind_of(f.type) for f in schema if f.name not in _BASE}
+            out[table] = {f.name: kind_of(f.type) for f in schema if f.name not in BASE_COLUMNS}
     return out
 
 
@@ -167,7 +167,7 @@ def recent_msg_ids(lake: TableStore, window: float) -> list[tuple[str, str]]:
         if table in (RAW, DEAD_LETTERS):
             continue
         try:
-            data = lake.dataset(table).to_table(  # type: ignore[attr-defined]
+            data = lake.dataset(table).to_table(
                 columns=["device_id", "msg_id"],
                 filter=(ds.field("received_at") >= cutoff) & ds.field("msg_id").is_valid(),
             )
@@ -185,14 +185,14 @@ class IngestService:
         self,
         settings: Settings,
         lake: TableStore,
-        catalog: Catalog,
+        devices: DeviceDirectory,
         *,
         nats_url: str | Callable[[], str],
         app_id: str = APP_ID,
     ) -> None:
         self.settings = settings
         self.lake = lake
-        self.catalog = catalog
+        self.devices = devices
         self._nats_url = nats_url
         self.app_id = app_id
         self.stats = IngestStats()
@@ -207,7 +207,7 @@ class IngestService:
         """Consume until ``stop`` is set; reconnects and resumes by itself."""
         import nats
 
-        types = await asyncio.to_thread(_DeviceTypes, self.catalog)
+        types = await asyncio.to_thread(_DeviceTypes, self.devices)
         decoder = Decoder(
             types,
             schemas=await asyncio.to_thread(table_schemas, self.lake),

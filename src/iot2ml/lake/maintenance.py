@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 
 from ..core.config import Settings, load_settings
 from ..core.errors import InvalidInput, LakeUnavailable, NotFound
-from ..core.storage import DEAD_LETTERS, RAW
+from ..core.tables import DEAD_LETTERS, RAW
 from .tables import Lake
 
 log = logging.getLogger(__name__)

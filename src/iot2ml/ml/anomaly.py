@@ -32,6 +32,7 @@ scaling, one model per device).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,19 @@ from sklearn.ensemble import IsolationForest
 
 from iot2ml.core.errors import InvalidInput
 
-from .base import NoFairHoldout, TrainResult, iso, newer_than, too_few
+from .base import (
+    HOLDOUT_PREDICTIONS,
+    NoFairHoldout,
+    Records,
+    TrainResult,
+    arrow_floats,
+    check_record,
+    iso,
+    newer_than,
+    record_number,
+    require_arrow_columns,
+    too_few,
+)
 from .base import require_columns as _missing
 
 __all__ = ["AnomalyModel", "AnomalyTask", "OnlineAnomalyScorer"]
@@ -50,8 +63,6 @@ DEFAULT_CONTAMINATION = 0.01
 """Share of readings flagged when there are no labels to take the rate from."""
 HOLDOUT = 0.3
 """Last share of each device's readings (in time) held out for evaluation."""
-HOLDOUT_PREDICTIONS = "holdout_predictions"
-"""``TrainResult.artifacts`` key of the holdout's flags (by the model fitted without it) that ``compare`` uses."""
 ZSCORE_WINDOW = 60
 """Readings in the baseline's rolling window."""
 ZSCORE_LIMIT = 3.0
@@ -114,13 +125,23 @@ class _DeviceScaler:
 
 
 def _groups(keys: np.ndarray) -> dict[Any, np.ndarray]:
-    return {k: np.asarray(v) for k, v in pd.Series(np.arange(len(keys))).groupby(pd.Series(keys).astype(object),
-                                                                                 sort=False).groups.items()}
+    """Row positions per key, in order; missing keys (None, NaN) are one group (scaled like an unseen device)."""
+    codes, uniques = pd.factorize(pd.Series(keys, dtype=object), use_na_sentinel=False)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    return {uniques[k]: order[bounds[k]:bounds[k + 1]] for k in range(len(uniques))}
 
 
 @dataclass
 class AnomalyModel:
-    """A fitted detector: ``predict`` gives ``<entity>``, ``ts``, ``score`` and ``is_anomaly`` per reading."""
+    """A fitted detector: ``predict`` gives ``<entity>``, ``ts``, ``score`` and ``is_anomaly`` per reading.
+
+    Every channel builds the matrix here (the readings standardised per device, see the module
+    docstring): ``predict(frame)``, ``matrix_from_records`` (REST, MQTT; a device unseen in training
+    is standardised with its own readings in the same request when it has ``MIN_OWN_ROWS``, else
+    with the fleet's) and ``matrix_from_arrow`` (streaming: the rows of one commit), then
+    ``predict_matrix`` (the scores) and ``answers``.
+    """
 
     entity: str
     features: list[str]
@@ -129,13 +150,56 @@ class AnomalyModel:
     threshold: float
     flagged_rate: float  # share of the training readings above the threshold
 
+    def _takes(self) -> str:
+        return f"{', '.join(self.features)} and {self.entity!r}"
+
+    def describe_inputs(self) -> dict[str, Any]:
+        """``task``, ``fields`` a record holds (the features and the entity), ``features``, ``entity``."""
+        return {"task": "anomaly", "fields": [*self.features, self.entity], "features": list(self.features),
+                "entity": self.entity}
+
+    def matrix_from_records(self, records: Records, *, ignore: Collection[str] = ()) -> np.ndarray:
+        """The standardised readings of JSON records, one row each; ``ignore``: fields a record may
+        carry that the model does not read. Errors name ``instances[i].field``."""
+        accepted = {*self.features, self.entity}
+        required = [*self.features, self.entity]
+        keys = np.empty(len(records), dtype=object)
+        values = np.empty((len(records), len(self.features)))
+        for i, record in enumerate(records):
+            check_record(i, record, accepted, ignore, required, self._takes())
+            keys[i] = record[self.entity]
+            values[i] = [record_number(record[f], i, f) for f in self.features]
+        return self.scaler.transform(keys, values)
+
+    def matrix_from_arrow(self, table: Any) -> np.ndarray:
+        """The standardised readings of an Arrow table's rows (columns it does not read are ignored)."""
+        require_arrow_columns(table, [*self.features, self.entity], self._takes())
+        keys = np.array(table.column(self.entity).to_pylist(), dtype=object)
+        values = np.column_stack([arrow_floats(table, f) for f in self.features]) if table.num_rows \
+            else np.empty((0, len(self.features)))
+        return self.scaler.transform(keys, values)
+
+    def matrix_from_frame(self, frame: pd.DataFrame) -> np.ndarray:
+        """The standardised readings of a frame's rows."""
+        _missing(frame, [self.entity, *self.features], "anomaly input")
+        return self.scaler.transform(frame[self.entity].to_numpy(), _values(frame, self.features))
+
+    def predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """Anomaly score per row (higher = more anomalous)."""
+        return -self.forest.score_samples(matrix) if len(matrix) else np.empty(0)
+
+    def answers(self, raw: np.ndarray) -> list[dict[str, Any]]:
+        """``{"prediction": flagged, "score": score}`` per score."""
+        threshold = self.threshold
+        return [{"prediction": bool(s > threshold), "score": float(s)} for s in raw]
+
+    def predict_records(self, records: Records, *, ignore: Collection[str] = ()) -> list[dict[str, Any]]:
+        """One answer per record: ``answers(predict_matrix(matrix_from_records(records)))``."""
+        return self.answers(self.predict_matrix(self.matrix_from_records(records, ignore=ignore)))
+
     def score(self, frame: pd.DataFrame) -> np.ndarray:
         """Anomaly score per row (higher = more anomalous)."""
-        _missing(frame, [self.entity, *self.features], "anomaly input")
-        if frame.empty:
-            return np.empty(0)
-        z = self.scaler.transform(frame[self.entity].to_numpy(), _values(frame, self.features))
-        return -self.forest.score_samples(z)
+        return self.predict_matrix(self.matrix_from_frame(frame))
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One row per input row, same index and order."""

@@ -25,9 +25,12 @@ params say what happened (``lgbm_n_estimators``, ``lgbm_best_iterations``, ``lgb
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,16 +54,27 @@ from sklearn.model_selection import (
 )
 
 from iot2ml.core.errors import InvalidInput
+from iot2ml.core.tables import BASE_COLUMNS
 
-from .base import NoFairHoldout, TrainResult, iso, newer_than, too_few
+from .base import (
+    HOLDOUT_PREDICTIONS,
+    NoFairHoldout,
+    Records,
+    TrainResult,
+    arrow_floats,
+    check_record,
+    iso,
+    newer_than,
+    record_number,
+    require_arrow_columns,
+    too_few,
+)
 from .base import require_columns as _missing
 
 __all__ = ["ClassifyTask", "RegressTask", "TabularModel"]
 
-RESERVED = frozenset({"device_id", "ts", "received_at", "msg_id", "_seq"})
+RESERVED = frozenset(BASE_COLUMNS)
 """Columns the lake adds to every row: never features by default."""
-HOLDOUT_PREDICTIONS = "holdout_predictions"
-"""``TrainResult.artifacts`` key of the out-of-fold predictions that ``compare`` scores the new model by."""
 STATS = ("mean", "min", "max", "std", "last")
 """Aggregations of each numeric feature per entity."""
 COUNT = "n_readings"
@@ -96,11 +110,23 @@ def _codes(series: pd.Series, categories: list[str]) -> np.ndarray:
     return codes
 
 
+Column = Callable[[str], np.ndarray]
+"""``value(column)``: a float column of the input."""
+Codes = Callable[[str, str], np.ndarray]
+"""``code(column, feature)``: the input's ``column`` as category codes of the categorical ``feature``."""
 
 
 @dataclass
 class _Features:
-    """How raw readings become the model's matrix: chosen and fitted by ``fit``, replayed by ``predict``."""
+    """How input becomes the model's matrix: chosen and fitted by ``fit``, replayed by every channel.
+
+    One layout (``_layout``, in ``columns`` order) serves frames, records and Arrow tables; only
+    reading a column differs. With per-entity aggregation a frame of raw readings is aggregated per
+    entity, while a record or table row of raw features is ONE reading of its own entity
+    (``one_reading``): mean = min = max = last = the value, std missing (the sample std of one value,
+    as aggregating a one-reading entity gives), ``n_readings`` 1, a string feature's last value its
+    value. Rows holding the aggregated columns (``<feature>__<stat>``) are taken as they are.
+    """
 
     entity: str | None
     aggregate: bool
@@ -124,10 +150,78 @@ class _Features:
                 *(f"{c}__last" for c in self.categorical), COUNT]
 
     @property
+    def aggregated(self) -> list[str]:
+        """The aggregated columns a per-entity model may be given instead of raw features (else none)."""
+        return self.columns if self.by_entity else []
+
+    @property
     def categorical_index(self) -> list[int]:
         names = set(self.categorical) if not self.by_entity else {f"{c}__last" for c in self.categorical}
         return [i for i, c in enumerate(self.columns) if c in names]
 
+    # Lookups built on first use per loaded model; a pickle holds only the fitted choices (the fields),
+    # so a model saved by one version of this code never brings another version's lookups along.
+    def __getstate__(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @functools.cached_property
+    def _code_maps(self) -> dict[str, dict[str, float]]:
+        return {c: {v: float(i) for i, v in enumerate(cats)} for c, cats in self.categorical.items()}
+
+    @functools.cached_property
+    def _accepted(self) -> frozenset[str]:
+        return frozenset([*self.raw, *self.aggregated, *([self.entity] if self.entity else [])])
+
+    @functools.cached_property
+    def _aggregated_only(self) -> frozenset[str]:
+        return frozenset(self.aggregated) - frozenset(self.raw)
+
+    @functools.cached_property
+    def _plans(self) -> dict[bool, tuple[list[tuple[str, str, str]], np.ndarray]]:
+        """Per ``one_reading``: the input columns to read and, per matrix column, which of them it is."""
+        plans = {}
+        for one_reading in (False, True):
+            plan = self._plan(one_reading=one_reading)
+            sources = list(dict.fromkeys(plan))
+            plans[one_reading] = (sources, np.array([sources.index(p) for p in plan], dtype=np.intp))
+        return plans
+
+    def _plan(self, *, one_reading: bool) -> list[tuple[str, str, str]]:
+        """Per matrix column ``(how, input column, feature)``; how: value, code, nan or one."""
+        plan = []
+        for col in self.columns:
+            if not self.by_entity:
+                plan.append(("code" if col in self.categorical else "value", col, col))
+            elif col == COUNT:
+                plan.append(("one", "", "") if one_reading else ("value", col, col))
+            else:
+                feature, stat = col.rsplit("__", 1)
+                if feature in self.categorical:
+                    plan.append(("code", feature if one_reading else col, feature))
+                elif not one_reading:
+                    plan.append(("value", col, col))
+                else:  # one reading: every statistic is the reading itself but the spread, which is missing
+                    plan.append(("nan", "", "") if stat == "std" else ("value", feature, feature))
+        return plan
+
+    def _layout(self, n: int, value: Column, code: Codes, *, one_reading: bool) -> np.ndarray:
+        """The ``(n, len(columns))`` float matrix from the input's columns (see the class docstring)."""
+        sources, index = self._plans[one_reading]
+        read = [value(name) if how == "value" else code(name, feature) if how == "code"
+                else np.full(n, np.nan if how == "nan" else 1.0) for how, name, feature in sources]
+        if not read:
+            return np.empty((n, 0))
+        return np.column_stack(read)[:, index] if n else np.empty((0, len(index)))
+
+    @functools.cached_property
+    def _takes(self) -> dict[bool, str]:
+        """What the model takes, for error messages: raw features (False) or aggregated columns (True)."""
+        stats = "{" + ",".join(STATS) + "}"
+        aggregated = "the aggregated columns " + ", ".join(
+            [*(f"{c}__{stats}" for c in self.numeric), *(f"{c}__last" for c in self.categorical), COUNT])
+        return {False: ", ".join(self.raw) + (f" (or {aggregated})" if self.by_entity else ""), True: aggregated}
+
+    # ---- frames (training, evaluation, batch scoring) ---------------------------------------
     def matrix(self, frame: pd.DataFrame) -> tuple[np.ndarray, pd.Index, pd.Series | None]:
         """``(X, index, keys)``: the float matrix, the index of its rows and their entity (or None).
 
@@ -136,14 +230,18 @@ class _Features:
         """
         if self.by_entity and all(c in frame.columns for c in self.columns):
             keys = frame[self.entity] if self.entity in frame.columns else None
-            return self._encode(frame, last=True), frame.index, keys
+            return self._frame_matrix(frame), frame.index, keys
         _missing(frame, self.raw, "feature")
         if not self.by_entity:
             keys = frame[self.entity] if self.entity is not None and self.entity in frame.columns else None
-            return self._encode(frame, last=False), frame.index, keys
+            return self._frame_matrix(frame), frame.index, keys
         _missing(frame, [self.entity], "entity")
         rows = self.aggregate_rows(frame)
-        return self._encode(rows, last=True), rows.index, rows[self.entity]
+        return self._frame_matrix(rows), rows.index, rows[self.entity]
+
+    def _frame_matrix(self, frame: pd.DataFrame) -> np.ndarray:
+        return self._layout(len(frame), lambda c: _as_float(frame[c]),
+                            lambda c, f: _codes(frame[c], self.categorical[f]), one_reading=False)
 
     def aggregate_rows(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One row per entity (sorted by entity) with the aggregated columns."""
@@ -163,15 +261,66 @@ class _Features:
         rows.index.name = None
         return rows.rename_axis("_entity").reset_index().rename(columns={"_entity": self.entity})
 
-    def _encode(self, frame: pd.DataFrame, *, last: bool) -> np.ndarray:
-        out = np.empty((len(frame), len(self.columns)), dtype=float)
-        for i, col in enumerate(self.columns):
-            source = col[: -len("__last")] if last and col.endswith("__last") else col
-            if source in self.categorical:
-                out[:, i] = _codes(frame[col], self.categorical[source])
+    # ---- records (REST, MQTT request/reply) -------------------------------------------------
+    def records_matrix(self, records: Records, ignore: Collection[str]) -> np.ndarray:
+        """The matrix of JSON records, one row each (see the class docstring); errors name ``instances[i].field``."""
+        whole: list[int] = []  # records holding the aggregated columns of a per-entity model
+        for i, record in enumerate(records):
+            if self._aggregated_only and not self._aggregated_only.isdisjoint(record):
+                check_record(i, record, self._accepted, ignore, self.aggregated, self._takes[True])
+                whole.append(i)
             else:
-                out[:, i] = _as_float(frame[col])
+                check_record(i, record, self._accepted, ignore, self.raw, self._takes[False])
+        if not whole:
+            return self._records_matrix(records, range(len(records)), one_reading=self.by_entity)
+        out = np.empty((len(records), len(self.columns)), dtype=float)
+        single = sorted(set(range(len(records))) - set(whole))
+        out[whole] = self._records_matrix(records, whole, one_reading=False)
+        if single:
+            out[single] = self._records_matrix(records, single, one_reading=True)
         return out
+
+    @functools.cached_property
+    def _value_names(self) -> dict[bool, dict[str, int]]:
+        """Per ``one_reading``: the input columns read as numbers, and their position."""
+        return {mode: {name: k for k, name in enumerate(n for how, n, _ in sources if how == "value")}
+                for mode, (sources, _) in self._plans.items()}
+
+    def _records_matrix(self, records: Records, rows: Sequence[int], *, one_reading: bool) -> np.ndarray:
+        names = self._value_names[one_reading]
+        values = np.array([[record_number(records[i][name], i, name) for name in names] for i in rows],
+                          dtype=float).reshape(len(rows), len(names))
+
+        def value(name: str) -> np.ndarray:
+            return values[:, names[name]]
+
+        def code(name: str, feature: str) -> np.ndarray:
+            return np.array([self._code(records[i][name], feature, i, name) for i in rows], dtype=float)
+
+        return self._layout(len(rows), value, code, one_reading=one_reading)
+
+    def _code(self, value: Any, feature: str, i: int, name: str) -> float:
+        if value is None:
+            return math.nan
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise InvalidInput(f"instances[{i}].{name} must be a string, not {type(value).__name__}")
+        return self._code_maps[feature].get(str(value), math.nan)
+
+    # ---- Arrow tables (streaming deployments) ----------------------------------------------
+    def arrow_matrix(self, table: Any) -> np.ndarray:
+        """The matrix of an Arrow table's rows: raw readings (each one reading of its entity) or,
+        for a per-entity model, rows holding every aggregated column."""
+        whole = self.by_entity and all(c in table.column_names for c in self.columns)
+        if not whole:
+            require_arrow_columns(table, self.raw, self._takes[False])
+
+        def code(name: str, feature: str) -> np.ndarray:
+            codes = self._code_maps[feature]
+            return np.array([math.nan if v is None else codes.get(str(v), math.nan)
+                             for v in table.column(name).to_pylist()], dtype=float)
+
+        return self._layout(table.num_rows, lambda c: arrow_floats(table, c), code,
+                            one_reading=self.by_entity and not whole)
 
 
 def _choose_features(frame: pd.DataFrame, *, label: str, entity: str | None, aggregate: bool,
@@ -332,7 +481,14 @@ def _sorted_classes(values: pd.Series) -> list[Any]:
 
 @dataclass
 class TabularModel:
-    """A fitted classifier or regressor that predicts from raw readings or aggregated rows."""
+    """A fitted classifier or regressor that predicts from raw readings or aggregated rows.
+
+    Every channel builds the model matrix here: ``predict(frame)`` (evaluation, batch scoring),
+    ``matrix_from_records`` (REST, MQTT) and ``matrix_from_arrow`` (streaming), then
+    ``predict_matrix`` and ``answers``. A per-entity model takes, per record or table row, either
+    one raw reading (an entity with that one reading, see ``_Features``) or the aggregated columns
+    (``aggregate(frame)`` gives them for an entity's whole history).
+    """
 
     kind: str  # "classify" or "regress"
     spec: _Features
@@ -343,6 +499,26 @@ class TabularModel:
     def features(self) -> list[str]:
         return self.spec.raw
 
+    @property
+    def entity(self) -> str | None:
+        """The entity column (e.g. a wine ``batch_id``), or None."""
+        return self.spec.entity
+
+    def describe_inputs(self) -> dict[str, Any]:
+        """``task``, ``fields`` a record may hold, ``features`` (``numeric``, ``categorical`` with their
+        categories), ``classes``, the ``entity`` column if any and, per-entity, the ``aggregated`` columns."""
+        spec = self.spec
+        out: dict[str, Any] = {"task": self.kind, "fields": sorted(spec._accepted), "features": spec.raw,
+                               "numeric": list(spec.numeric),
+                               "categorical": {c: list(v) for c, v in spec.categorical.items()}}
+        if self.classes is not None:
+            out["classes"] = list(self.classes)
+        if spec.entity is not None:
+            out["entity"] = spec.entity
+        if spec.by_entity:
+            out["aggregated"] = spec.aggregated
+        return out
+
     def aggregate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The rows the model sees: one per entity (``<feature>__<stat>`` columns) when it aggregates,
         else ``frame`` unchanged. ``predict`` accepts either."""
@@ -351,22 +527,78 @@ class TabularModel:
         _missing(frame, [*self.spec.raw, self.spec.entity], "feature")
         return self.spec.aggregate_rows(frame)
 
+    def matrix_from_records(self, records: Records, *, ignore: Collection[str] = ()) -> np.ndarray:
+        """The model matrix of JSON records (one row each, no pandas); ``ignore``: fields a record
+        may carry that the model does not read. Errors name ``instances[i].field``."""
+        return self.spec.records_matrix(records, ignore)
+
+    def matrix_from_arrow(self, table: Any) -> np.ndarray:
+        """The model matrix of an Arrow table, one row per table row (columns it does not read are ignored)."""
+        return self.spec.arrow_matrix(table)
+
+    def predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """Regress: the values; classify: the ``(rows, classes)`` probabilities."""
+        if not len(matrix):
+            return np.empty(0) if self.kind == "regress" else np.empty((0, len(self.classes or [])))
+        estimator = self.estimator
+        booster, params = _lightgbm_booster(estimator)
+        if booster is not None and len(matrix) >= 2_000:  # a streamed batch: every core's worth
+            params = {**params, "num_threads": os.cpu_count() or 1}
+        if self.kind == "regress":
+            return np.asarray(estimator.predict(matrix) if booster is None else booster.predict(matrix, **params))
+        if booster is None:
+            return np.asarray(estimator.predict_proba(matrix))
+        proba = booster.predict(matrix, **params)
+        return proba if proba.ndim == 2 else np.column_stack([1.0 - proba, proba])  # binary: P(class 1)
+
+    def answers(self, raw: np.ndarray) -> list[dict[str, Any]]:
+        """Regress: ``{"prediction": value}``; classify: ``{"prediction": class, "probabilities": {class: p}}``."""
+        if self.kind == "regress":
+            return [{"prediction": float(v)} for v in raw]
+        classes = self.classes or []
+        names = [str(c) for c in classes]
+        return [{"prediction": _plain(classes[int(k)]), "probabilities": dict(zip(names, map(float, row)))}
+                for k, row in zip(raw.argmax(axis=1), raw)]
+
+    def predict_records(self, records: Records, *, ignore: Collection[str] = ()) -> list[dict[str, Any]]:
+        """One answer per record: ``answers(predict_matrix(matrix_from_records(records)))``."""
+        return self.answers(self.predict_matrix(self.matrix_from_records(records, ignore=ignore)))
+
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One row per entity (aggregating raw readings) or per input row: ``prediction`` and, for
         classification, ``proba_<class>`` per class. Raises ``InvalidInput`` for a missing column."""
         x, index, keys = self.spec.matrix(frame)
+        raw = self.predict_matrix(x)
         out = pd.DataFrame(index=index)
         if keys is not None:
             out[self.spec.entity] = keys.to_numpy()
         if self.kind == "regress":
-            out["prediction"] = self.estimator.predict(x) if len(x) else np.empty(0)
+            out["prediction"] = raw
             return out
         assert self.classes is not None
-        proba = self.estimator.predict_proba(x) if len(x) else np.empty((0, len(self.classes)))
-        out["prediction"] = np.asarray(self.classes)[proba.argmax(axis=1)] if len(x) else np.asarray(self.classes)[:0]
+        out["prediction"] = np.asarray(self.classes)[raw.argmax(axis=1)] if len(x) else np.asarray(self.classes)[:0]
         for i, cls in enumerate(self.classes):
-            out[f"proba_{cls}"] = proba[:, i]
+            out[f"proba_{cls}"] = raw[:, i]
         return out
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value (JSON-able); other values unchanged."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _lightgbm_booster(estimator: Any) -> tuple[Any, dict[str, Any]]:
+    """A LightGBM estimator's booster and its predict threads, else ``(None, {})``.
+
+    LightGBM's scikit-learn wrapper re-reads (``inspect.signature``) and deep-copies every parameter
+    and re-validates the input on each call: ~0.3 ms, several times one row's prediction. The booster
+    gives the same probabilities (and values) without it.
+    """
+    if not type(estimator).__module__.startswith("lightgbm") or callable(getattr(estimator, "objective", None)):
+        return None, {}
+    n_jobs = getattr(estimator, "n_jobs", None)
+    threads = 0 if n_jobs is None else n_jobs if n_jobs >= 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return estimator.booster_, {"num_threads": threads}
 
 
 class _TabularTask:

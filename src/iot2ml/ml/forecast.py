@@ -53,7 +53,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,18 @@ import pandas as pd
 
 from iot2ml.core.errors import ConfigError, InvalidInput
 
-from .base import NoFairHoldout, TrainResult, iso, newer_than, too_few
+from .base import (
+    HOLDOUT_PREDICTIONS,
+    NoFairHoldout,
+    Records,
+    TrainResult,
+    check_record,
+    iso,
+    newer_than,
+    record_number,
+    too_few,
+    utc,
+)
 
 __all__ = ["CANDIDATES", "ForecastModel", "ForecastTask", "infer_season_length"]
 
@@ -72,8 +83,8 @@ MIN_RESIDUALS = 50
 """Scaled residuals wanted per horizon step for a conformal quantile; neighbouring steps are pooled."""
 WEEKS_FOR_WEEKDAY = 8
 """LightGBM gets a ``dayofweek`` feature only when the longest series spans this many weeks."""
-HOLDOUT_PREDICTIONS = "holdout_predictions"
-"""``TrainResult.artifacts`` key of the winner's last backtest fold, which ``compare`` scores it by."""
+RECORD_FIELDS = ("start", "target", "dynamic_feat", "cat")
+"""Fields of a DeepAR-style request instance (besides the series column); the last two are not read."""
 MAX_LGB_ROWS = 2_000_000
 """Training rows for the global LightGBM model; beyond it each series keeps its most recent rows."""
 
@@ -481,6 +492,102 @@ class ForecastModel:
             raise InvalidInput("history is empty: pass at least one series with its last points")
         return self._predict(pd.concat(parts, ignore_index=True), h)
 
+    # ---- records (REST, MQTT request/reply): the same resampling, history and forecast as predict ----
+    def describe_inputs(self) -> dict[str, Any]:
+        """``task``, ``fields`` a record may hold (DeepAR's ``start``, ``target``, ``dynamic_feat``,
+        ``cat`` and the series column), ``horizon``, ``freq``, ``context``, ``quantiles``, ``series_column``."""
+        return {"task": "forecast", "fields": [*RECORD_FIELDS, self.series_column], "horizon": self.horizon,
+                "freq": self.freq, "context": self.context, "quantiles": list(self.quantiles),
+                "series_column": self.series_column}
+
+    def series_from_records(self, records: Records, *, ignore: Collection[str] = ()) -> list[tuple[Any, pd.Series]]:
+        """``(series id, points)`` per record, in order: ``target`` (numbers, one per ``freq`` step
+        from ``start``) under the record's ``series_column`` (``instance-<i>`` without it), or, without
+        ``target``, the stored points of a series the model was trained on. ``dynamic_feat`` and
+        ``cat`` (DeepAR) are accepted and not read; ``ignore``: other fields the model does not read.
+        Errors name ``instances[i].field``."""
+        accepted = {*RECORD_FIELDS, self.series_column}
+        takes = f"'start' and 'target' (and optionally {self.series_column!r})"
+        out: list[tuple[Any, pd.Series]] = []
+        for i, record in enumerate(records):
+            check_record(i, record, accepted, ignore, (), takes)
+            key = record.get(self.series_column, f"instance-{i}")
+            if isinstance(key, bool) or not isinstance(key, (str, int, float)):
+                raise InvalidInput(f"instances[{i}].{self.series_column} must be a series id (a string), "
+                                   f"not {type(key).__name__}")
+            if "target" not in record:
+                if key not in self.history:
+                    raise InvalidInput(f"instances[{i}] lacks 'target' and series {key!r} is not one the model "
+                                       "was trained on: send 'start' and 'target' (the last points)")
+                out.append((key, self.history[key]))
+                continue
+            target = record["target"]
+            if not isinstance(target, list) or not target:
+                raise InvalidInput(f"instances[{i}].target must be a non-empty list of numbers")
+            values = [record_number(v, i, f"target[{j}]") for j, v in enumerate(target)]
+            if not isinstance(record.get("start"), str):
+                raise InvalidInput(f"instances[{i}].start must be a timestamp string such as '2026-01-01 00:00:00'")
+            try:
+                start = utc(record["start"])
+            except (ValueError, TypeError):
+                raise InvalidInput(f"instances[{i}].start {record['start']!r} is not a timestamp") from None
+            index = pd.date_range(start, periods=len(values), freq=self.freq)
+            out.append((key, pd.Series(values, index=index, dtype=float)))
+        return out
+
+    def forecast(self, series: Sequence[tuple[Any, pd.Series]], horizon: int | None = None) -> list[pd.DataFrame]:
+        """One forecast (columns as ``predict``'s) per ``(series id, points)``, in order, each from its
+        own points and, for a known series, the stored ones before them (as ``predict``). An id may
+        repeat. A series too short to forecast raises ``InvalidInput`` naming ``instances[i]``."""
+        h = self.horizon if horizon is None else int(horizon)
+        out: list[pd.DataFrame | None] = [None] * len(series)
+        pending = list(range(len(series)))
+        while pending:  # one model call per run of distinct ids (usually all of them)
+            chunk, later, ids = [], [], set()
+            for i in pending:
+                (later if series[i][0] in ids else chunk).append(i)
+                ids.add(series[i][0])
+            frame = pd.concat([self._rows(*series[i]) for i in chunk], ignore_index=True)
+            forecasts, skipped = self._forecast(frame, h)
+            reasons = {s["series"]: s["reason"] for s in skipped}
+            by_id = dict(tuple(forecasts.groupby(self.series_column, sort=False)))
+            for i in chunk:
+                key = series[i][0]
+                if key not in by_id:
+                    raise InvalidInput(f"instances[{i}] (series {key!r}) cannot be forecast: "
+                                       f"{reasons.get(str(key), 'no points')}")
+                out[i] = by_id[key].reset_index(drop=True)
+            pending = later
+        return out  # type: ignore[return-value]
+
+    def answers(self, forecasts: Sequence[pd.DataFrame], *, quantiles: Sequence[float] | None = None,
+                output_types: Sequence[str] = ("mean", "quantiles")) -> list[dict[str, Any]]:
+        """Per forecast (DeepAR's answer): ``start`` (its first step, ISO 8601), ``mean`` and
+        ``quantiles`` (``{"0.1": [...]}``; all the model gives, or ``quantiles``) as ``output_types`` ask."""
+        columns = {}
+        for q in self.quantiles if quantiles is None else quantiles:
+            match = [m for m in self.quantiles if abs(float(q) - m) < 1e-9]
+            if not match:
+                raise InvalidInput(f"quantile {float(q):g} is not one the model gives: "
+                                   f"{', '.join(f'{m:g}' for m in self.quantiles)}")
+            columns[f"{float(q):g}"] = f"q{match[0]:g}"
+        out = []
+        for frame in forecasts:
+            answer: dict[str, Any] = {"start": frame["ts"].iloc[0].isoformat()}
+            if "mean" in output_types:
+                answer["mean"] = frame["mean"].astype(float).tolist()
+            if "quantiles" in output_types:
+                answer["quantiles"] = {name: frame[col].astype(float).tolist() for name, col in columns.items()}
+            out.append(answer)
+        return out
+
+    def predict_records(self, records: Records, *, ignore: Collection[str] = (),
+                        quantiles: Sequence[float] | None = None,
+                        output_types: Sequence[str] = ("mean", "quantiles")) -> list[dict[str, Any]]:
+        """One answer per record: ``answers(forecast(series_from_records(records)))``."""
+        return self.answers(self.forecast(self.series_from_records(records, ignore=ignore)),
+                            quantiles=quantiles, output_types=output_types)
+
     def _rows(self, key: Any, series: pd.Series) -> pd.DataFrame:
         return pd.DataFrame({self.series_column: key, self.time_column: series.index, self.target: series.to_numpy()})
 
@@ -499,15 +606,23 @@ class ForecastModel:
         return pd.concat(parts, ignore_index=True) if len(parts) > 1 else frame
 
     def _predict(self, frame: pd.DataFrame, h: int) -> pd.DataFrame:
+        out, skipped = self._forecast(frame, h)
+        if out.empty:
+            reasons = "; ".join(f"{s['series']}: {s['reason']}" for s in skipped[:5]) or "the frame is empty"
+            raise InvalidInput(f"no series to forecast (forecasting needs at least context={self.context} "
+                               f"points at {self.freq}): {reasons}")
+        return out
+
+    def _forecast(self, frame: pd.DataFrame, h: int) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+        """The forecast of every series of ``frame`` long enough, and the skipped ones with the reason."""
         need = f"forecasting needs at least context={self.context} points"
         frame = self._with_history(frame)
         prepared = _prepare(frame, series_column=self.series_column, time_column=self.time_column,
                             target=self.target, freq=self.freq, season=self.season_length,
                             max_gap=self.max_gap, min_length=self.context, need=need)
-        if not prepared.series:
-            reasons = "; ".join(f"{s['series']}: {s['reason']}" for s in prepared.skipped[:5]) or "the frame is empty"
-            raise InvalidInput(f"no series to forecast ({need} at {self.freq}): {reasons}")
         series = prepared.series
+        if not series:
+            return pd.DataFrame(columns=[self.series_column, "ts", "mean", *self.quantile_columns]), prepared.skipped
         keep = None if self.candidate.startswith("auto_") else self.context
         batch = _Batch(
             keys=[s.key for s in series],
@@ -526,7 +641,7 @@ class ForecastModel:
         for j, col in enumerate(self.quantile_columns):
             out[col] = bands[:, :, j].reshape(-1)
         out.attrs["skipped_series"] = prepared.skipped
-        return out
+        return out, prepared.skipped
 
 
 class ForecastTask:

@@ -3,11 +3,14 @@ log and register it. Also batch scoring into the ``predictions`` table.
 
 The composition root hands in ``read(sql) -> pandas.DataFrame`` and ``version(table) -> int`` so
 this module needs nothing but ``core``.
+
+Tasks are found by name in ``TASKS``; a task registered there is trainable by job files and the CLI
+and is run through the task contract (``ml/checks.py``) by ``tests/ml/test_task_contract.py``.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import time
 import tomllib
 from collections.abc import Callable
@@ -15,21 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pandas as pd
 import pyarrow as pa
 
 from ..core.errors import InvalidInput, NotFound
-from .base import TrainResult
+from ..core.tables import LABELS, PREDICTIONS_SCHEMA
+from .base import Task, TrainResult
 
-TASK_KINDS = ("forecast", "classify", "regress", "anomaly")
-LABELS = "labels"
-PREDICTIONS = "predictions"
-PREDICTION_SCHEMA = pa.schema([
-    ("device_id", pa.string()), ("entity", pa.string()), ("ts", pa.timestamp("us", tz="UTC")),
-    ("model", pa.string()), ("version", pa.int64()), ("task", pa.string()),
-    ("prediction", pa.float64()), ("label", pa.string()), ("scores", pa.string()),
-    ("scored_at", pa.timestamp("us", tz="UTC")),
-])
+TASKS: dict[str, str | Callable[..., Task]] = {
+    "forecast": "iot2ml.ml.forecast:ForecastTask",
+    "classify": "iot2ml.ml.classify:ClassifyTask",
+    "regress": "iot2ml.ml.classify:RegressTask",
+    "anomaly": "iot2ml.ml.anomaly:AnomalyTask",
+}
+"""Training tasks by name: the task class, or ``"module:Class"`` imported on first use (so that
+importing this module loads no ML library). Register a new one with ``TASKS["name"] = MyTask``."""
 
 
 @dataclass
@@ -43,8 +47,8 @@ class TrainJob:
     where: str | None = None
 
     def __post_init__(self) -> None:
-        if self.task not in TASK_KINDS:
-            raise InvalidInput(f"task {self.task!r} is not known: use one of {', '.join(TASK_KINDS)}")
+        if self.task not in TASKS:
+            raise InvalidInput(f"task {self.task!r} is not known: use one of {', '.join(TASKS)}")
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise InvalidInput(f"model name {self.name!r} is not valid: use letters, digits, '-', '_', '.'")
 
@@ -62,15 +66,20 @@ class TrainJob:
                    where=raw.pop("where", None), options=raw)
 
 
-def make_task(kind: str, options: dict[str, Any]) -> Any:
-    if kind == "forecast":
-        from .forecast import ForecastTask as cls
-    elif kind == "classify":
-        from .classify import ClassifyTask as cls
-    elif kind == "regress":
-        from .classify import RegressTask as cls
-    else:
-        from .anomaly import AnomalyTask as cls
+def task_class(kind: str) -> Callable[..., Task]:
+    """The class (factory) of task ``kind`` in ``TASKS``."""
+    if kind not in TASKS:
+        raise InvalidInput(f"task {kind!r} is not known: use one of {', '.join(TASKS)}")
+    found = TASKS[kind]
+    if isinstance(found, str):
+        module, _, name = found.partition(":")
+        found = getattr(importlib.import_module(module), name)
+    return found
+
+
+def make_task(kind: str, options: dict[str, Any]) -> Task:
+    """Task ``kind`` of ``TASKS`` with ``options`` (its keyword arguments)."""
+    cls = task_class(kind)
     try:
         return cls(**options)
     except TypeError as err:
@@ -104,12 +113,12 @@ def training_sql(job: TrainJob, tables: list[str], columns: list[str]) -> str:
             seconds = float(window)
             return (
                 f"SELECT t.*, CASE WHEN epoch(t.ts) - epoch(l.ts) <= {seconds} THEN {value} END AS {_quote(label)} "
-                f"FROM {_quote(job.table)} t ASOF LEFT JOIN (SELECT entity, ts, label FROM labels) l "
+                f"FROM {_quote(job.table)} t ASOF LEFT JOIN (SELECT entity, ts, label FROM {LABELS}) l "
                 f"ON CAST(t.{_quote(key)} AS VARCHAR) = l.entity AND t.ts >= l.ts{where}"
             )
         return (
             f"SELECT t.*, {value} AS {_quote(label)} FROM {_quote(job.table)} t JOIN ("
-            f"SELECT entity, arg_max(label, ts) AS label FROM labels GROUP BY entity) l "
+            f"SELECT entity, arg_max(label, ts) AS label FROM {LABELS} GROUP BY entity) l "
             f"ON CAST(t.{_quote(key)} AS VARCHAR) = l.entity{where}"
         )
     return f"SELECT * FROM {_quote(job.table)}{where}"
@@ -165,6 +174,13 @@ def trained_until(frame: pd.DataFrame, column: str = "ts") -> pd.Timestamp | Non
     return None if pd.isna(newest) else newest
 
 
+def entity_column(model: Any) -> str | None:
+    """The model's entity column for the ``predictions`` table's ``entity`` (e.g. a wine ``batch_id``),
+    or None: without one, or when it is ``device_id`` (which has its own column)."""
+    entity = getattr(model, "entity", None)
+    return entity if entity and entity != "device_id" else None
+
+
 def score(
     name: str,
     *,
@@ -174,7 +190,10 @@ def score(
     frame: pd.DataFrame,
     entity: str | None = None,
 ) -> pa.Table:
-    """Run a registered model over ``frame``; rows for the ``predictions`` table."""
+    """Run a registered model over ``frame``; rows for the ``predictions`` table.
+
+    ``prediction``, ``label`` and ``scores`` are those ``prediction_columns`` gives for the answers
+    of the online channels on the same rows."""
     out = model.predict(frame)
     if not isinstance(out, pd.DataFrame):
         out = pd.DataFrame({"prediction": list(out)})
@@ -191,11 +210,12 @@ def score(
     proba_cols = [c for c in out.columns if c.startswith("proba_")]
     if task == "forecast":
         prediction = col("mean")
-        scores = [json.dumps({c: float(v) for c, v in zip(quantile_cols, row)}) for row in out[quantile_cols].itertuples(index=False)]
+        scores = [_json({c: float(v) for c, v in zip(quantile_cols, row)})
+                  for row in out[quantile_cols].itertuples(index=False)]
     elif task == "classify":
         label = [str(v) for v in col("prediction")]
         prediction = [float(max(row)) for row in out[proba_cols].itertuples(index=False)] if proba_cols else [None] * n
-        scores = [json.dumps({c.removeprefix("proba_"): float(v) for c, v in zip(proba_cols, row)})
+        scores = [_json({c.removeprefix("proba_"): float(v) for c, v in zip(proba_cols, row)})
                   for row in out[proba_cols].itertuples(index=False)] if proba_cols else [None] * n
     elif task == "anomaly":
         prediction = col("score")
@@ -217,4 +237,30 @@ def score(
         "label": pa.array(label, pa.string()),
         "scores": pa.array(scores, pa.string()),
         "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-    }, schema=PREDICTION_SCHEMA)
+    }, schema=PREDICTIONS_SCHEMA)
+
+
+def prediction_columns(task: str, answers: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The ``predictions`` table's ``prediction``, ``label`` and ``scores`` for online answers
+    (``model.answers``), as ``score`` writes them for the same rows: classify: the top probability,
+    the class and the probabilities as JSON; anomaly: the score and ``anomaly``/``normal``; forecast:
+    one row per answer and step (the mean, the quantiles as JSON, ``q<quantile>`` keys); else the
+    prediction."""
+    if task == "forecast":
+        rows = [(mean, {f"q{q}": values[k] for q, values in a.get("quantiles", {}).items()})
+                for a in answers for k, mean in enumerate(a["mean"])]
+        return {"prediction": [float(m) for m, _ in rows], "label": [None] * len(rows),
+                "scores": [_json(q) for _, q in rows]}
+    if task == "classify":
+        return {"prediction": [max(a["probabilities"].values()) for a in answers],
+                "label": [str(a["prediction"]) for a in answers],
+                "scores": [_json(a["probabilities"]) for a in answers]}
+    if task == "anomaly":
+        return {"prediction": [a["score"] for a in answers],
+                "label": ["anomaly" if a["prediction"] else "normal" for a in answers], "scores": [None] * len(answers)}
+    return {"prediction": [None if a["prediction"] is None else float(a["prediction"]) for a in answers],
+            "label": [None] * len(answers), "scores": [None] * len(answers)}
+
+
+def _json(value: dict[str, float]) -> str:
+    return orjson.dumps(value).decode()

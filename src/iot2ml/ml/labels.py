@@ -30,24 +30,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..core.errors import InvalidInput, LakeUnavailable, NotFound, QueryError
+from ..core.errors import InvalidInput, LakeUnavailable, NotFound
 from ..core.storage import TableStore
+from ..core.tables import LABELS, LABELS_SCHEMA
 
-__all__ = [
-    "LABELS_TABLE", "LABEL_SCHEMA", "append_labels", "known_entities", "read_labels_csv", "validate_labels",
-]
-
-LABELS_TABLE = "labels"
-_UTC_US = pa.timestamp("us", tz="UTC")
-LABEL_SCHEMA = pa.schema([
-    pa.field("entity", pa.string(), nullable=False),
-    pa.field("label", pa.string(), nullable=False),
-    pa.field("ts", _UTC_US, nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("who", pa.string(), nullable=False),
-    pa.field("imported_at", _UTC_US, nullable=False),
-])
-"""Columns of the ``labels`` table; ``ts`` is when the label was given, ``imported_at`` when it came in."""
+__all__ = ["append_labels", "known_entities", "read_labels_csv", "validate_labels"]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _LATEST = dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)
@@ -75,7 +62,7 @@ def validate_labels(
     known_entities: set[str] | None = None,
     imported_at: dt.datetime | None = None,
 ) -> pa.Table:
-    """Check label rows and return them as a table of ``LABEL_SCHEMA``, or raise for all problems.
+    """Check label rows and return them as a table of ``LABELS_SCHEMA``, or raise for all problems.
 
     ``rows`` is a list of dicts, a pandas DataFrame or a pyarrow Table. Every row needs an entity
     (in ``known_entities`` when given) and a label (in ``allowed_labels`` when given); with
@@ -104,7 +91,7 @@ def validate_labels(
     allowed_text = ", ".join(sorted(allowed_labels)) if allowed_labels is not None else ""
     now = _utc(imported_at) if imported_at is not None else dt.datetime.now(dt.timezone.utc)
     problems = _Problems()
-    out: dict[str, list[Any]] = {name: [] for name in LABEL_SCHEMA.names}
+    out: dict[str, list[Any]] = {name: [] for name in LABELS_SCHEMA.names}
     for number, record in enumerate(records, start=1):
         raw_entity = record.get(entity_column)
         entity = _text(raw_entity)
@@ -140,7 +127,7 @@ def validate_labels(
         )
         err.problems = problems.items  # type: ignore[attr-defined]
         raise err
-    return pa.table(out, schema=LABEL_SCHEMA)
+    return pa.table(out, schema=LABELS_SCHEMA)
 
 
 def read_labels_csv(
@@ -185,36 +172,36 @@ def append_labels(lake: TableStore, table: pa.Table, *, app_id: str = "iot2ml-la
     process take turns; a writer that loses a race with another process is told so by Delta
     (nothing written) and tries again with the next number.
     """
-    if not isinstance(table, pa.Table) or not table.schema.equals(LABEL_SCHEMA):
+    if not isinstance(table, pa.Table) or not table.schema.equals(LABELS_SCHEMA):
         got = table.schema if isinstance(table, pa.Table) else type(table).__name__
-        raise InvalidInput(f"labels must be a table of LABEL_SCHEMA, got {got}: build it with validate_labels")
+        raise InvalidInput(f"labels must be a table of LABELS_SCHEMA, got {got}: build it with validate_labels")
     if table.num_rows == 0:
         raise InvalidInput("no labels to append: the table is empty")
     with _append_lock:
         for attempt in range(_COMMIT_ATTEMPTS):
-            version = (lake.txn_version(LABELS_TABLE, app_id) or 0) + 1
+            version = (lake.txn_version(LABELS, app_id) or 0) + 1
             try:
-                return lake.append(LABELS_TABLE, table, app_id=app_id, version=version)
+                return lake.append(LABELS, table, app_id=app_id, version=version)
             except LakeUnavailable as err:
                 if "concurrent" not in str(err).lower() or attempt == _COMMIT_ATTEMPTS - 1:
                     raise
                 forget = getattr(lake, "forget", None)
                 if forget is not None:
-                    forget(LABELS_TABLE)
+                    forget(LABELS)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def known_entities(lake: Any, table_name: str, entity_column: str) -> set[str]:
+def known_entities(lake: TableStore, table_name: str, entity_column: str) -> set[str]:
     """Every distinct non-null value of ``entity_column`` in lake table ``table_name``, as text.
 
     Raises ``NotFound`` when the table does not exist and ``InvalidInput`` when it has no such
     column (the message lists its columns).
     """
-    from ..query.sql import query_arrow  # the query engine is heavy: load it when asked
+    import pyarrow.compute as pc
 
     for kind, name in (("table", table_name), ("column", entity_column)):
-        if not isinstance(name, str) or not name or '"' in name:
-            raise InvalidInput(f"{kind} name {name!r} is not usable: give a name without double quotes")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{kind} name {name!r} is not usable: give a non-empty name")
     schema = lake.schema(table_name)
     if schema is None:
         tables = ", ".join(lake.tables()) or "(none yet)"
@@ -223,11 +210,8 @@ def known_entities(lake: Any, table_name: str, entity_column: str) -> set[str]:
         raise InvalidInput(
             f"table {table_name!r} has no column {entity_column!r}: its columns are {', '.join(schema.names)}"
         )
-    try:
-        result = query_arrow(lake, f'SELECT DISTINCT "{entity_column}" FROM "{table_name}"')
-    except QueryError as err:
-        raise InvalidInput(f"entities of {table_name}.{entity_column} cannot be read: {err}") from err
-    return {str(v) for v in result.column(0).to_pylist() if v is not None}
+    column = lake.dataset(table_name).to_table(columns=[entity_column]).column(0)
+    return {str(v) for v in pc.unique(column).to_pylist() if v is not None}
 
 
 # ---- helpers ----------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ TRAINED_UNTIL = "iot2ml.trained_until"
 Compare = Callable[[Any, Any], dict[str, Any]]
 """``compare(champion_model, since) -> {"new", "champion", "units", "holdout"}``; see ``Task.compare``."""
 
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""MLflow error codes that mean "there is no such thing" (an unset alias is reported as a bad parameter)."""
+
 
 def tracking_uri_for(data_dir: Path, configured: str | None = None) -> str:
     """The configured tracking URI (``postgresql://`` goes through psycopg 3), else sqlite in the data dir."""
@@ -199,6 +202,40 @@ class Registry:
             "reason": (f"version {version} {metric}={mine:.4g} {'beats' if better else 'does not beat'} "
                        f"champion v{champ.version} {metric}={theirs:.4g} on {duel['holdout']}"),
         }
+
+    def resolve(self, name: str, ref: str | int) -> int:
+        """The version number ``ref`` (a version number such as ``"7"`` or an alias such as
+        ``"champion"``) stands for in the registry, now.
+
+        ``NotFound`` names the versions and aliases the model has (or says it is not registered);
+        ``Transient`` when the registry cannot be read. MLflow's own errors stay behind this method.
+        """
+        ref = str(ref).strip()
+        try:
+            found = (self.client.get_model_version(name, ref) if ref.isdigit()
+                     else self.client.get_model_version_by_alias(name, ref))
+            return int(found.version)
+        except Exception as err:  # noqa: BLE001 - translated here, at the registry's boundary
+            if getattr(err, "error_code", None) not in _MISSING:
+                raise Transient(f"the model registry {self.tracking_uri} cannot be read: {err}") from err
+        raise NotFound(self._missing(name, ref))
+
+    def _missing(self, name: str, ref: str) -> str:
+        """Why ``name``/``ref`` resolves to nothing, with what the model has instead."""
+        try:
+            model = self.client.get_registered_model(name)
+            versions = sorted(int(mv.version) for mv in self.client.search_model_versions(f"name='{name}'"))
+        except Exception as err:  # noqa: BLE001 - only the hint of an error message
+            if getattr(err, "error_code", None) in _MISSING:
+                return (f"model {name!r} is not registered: train it first ('iot2ml train ... --name {name}'), "
+                        "see 'iot2ml models list'")
+            versions, model = [], None
+        aliases = dict(getattr(model, "aliases", None) or {})
+        has = ", ".join(map(str, versions))
+        if aliases:
+            has += "; aliases " + ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items()))
+        what = f"no version {ref}" if ref.isdigit() else f"no version with alias {ref!r}"
+        return f"model {name!r} has {what}{f' (it has {has})' if has else ''}: see 'iot2ml models list'"
 
     def load(self, name: str, ref: str = CHAMPION, *, unwrap: bool = False) -> Any:
         """The model ``name@alias`` or ``name/version``; ``unwrap`` gives the task's own model object."""

@@ -15,11 +15,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ..core.catalog import Catalog, Schedule, Schedules
+from ..core.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import InvalidInput, Iot2mlError
 from ..core.runtime import clear_run_info, write_run_info
+from ..core.tables import LABELS
 from ..core.timeutil import parse_duration
+from .schedules import Schedule, Schedules
 
 log = logging.getLogger("iot2ml.scheduler")
 
@@ -108,7 +110,7 @@ class Scheduler:
         return int(sum(actions.column("num_records").to_pylist())) if actions.num_rows else 0
 
     def _labels_version(self) -> int | None:
-        return self.bench.version("labels") if "labels" in self.bench.lake.tables() else None
+        return self.bench.version(LABELS) if LABELS in self.bench.lake.tables() else None
 
     def tick(self) -> list[dict[str, Any]]:
         """Run every due schedule once; returns what ran."""

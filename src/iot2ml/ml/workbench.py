@@ -67,24 +67,18 @@ class Workbench:
 
     def predict(self, name: str, *, table: str, where: str | None = None, ref: str = "champion") -> dict[str, Any]:
         """Score rows of ``table`` with ``name@ref`` into the ``predictions`` table."""
-        from .jobs import PREDICTIONS, score
+        import time
 
-        described = self._resolve(name, ref)
-        model = self.registry.load(name, str(described["version"]), unwrap=True)
+        from ..core.tables import PREDICTIONS
+        from .jobs import entity_column, score
+
+        version = self.registry.resolve(name, ref)
+        described = self.registry.describe(name, str(version))
+        model = self.registry.load(name, str(version), unwrap=True)
         sql = f'SELECT * FROM "{table}"' + (f" WHERE {where}" if where else "")
         frame = self.read(sql)
-        entity = getattr(model, "entity", None) or getattr(getattr(model, "spec", None), "entity", None)
-        rows = score(name, model=model, version=described["version"], task=described["task"], frame=frame,
-                     entity=entity if entity and entity != "device_id" else None)
+        rows = score(name, model=model, version=version, task=described["task"], frame=frame,
+                     entity=entity_column(model))
         if rows.num_rows:
-            self.lake.append(PREDICTIONS, rows, app_id=f"iot2ml-predict-{name}",
-                             version=int(__import__("time").time() * 1000))
-        return {"model": name, "version": described["version"], "rows": rows.num_rows, "table": PREDICTIONS}
-
-    def _resolve(self, name: str, ref: str) -> dict[str, Any]:
-        from ..core.errors import NotFound
-
-        for m in self.models():
-            if m["name"] == name and (str(m["version"]) == str(ref) or ref in m["aliases"]):
-                return m
-        raise NotFound(f"no model {name}@{ref}: see 'iot2ml models list'")
+            self.lake.append(PREDICTIONS, rows, app_id=f"iot2ml-predict-{name}", version=int(time.time() * 1000))
+        return {"model": name, "version": version, "rows": rows.num_rows, "table": PREDICTIONS}

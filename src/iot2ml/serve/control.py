@@ -6,23 +6,36 @@ type it binds is a device type of the catalog and no other deployment answers th
 Only then is the spec stored, as one audited event. The CLI and the API both call it, so they
 accept and refuse the same requests with the same reasons.
 
-The registry is passed in (anything with MLflow's ``get_registered_model``, ``get_model_version``
-and ``get_model_version_by_alias``), so this module imports no MLflow; its errors are translated
-here into ``NotFound`` (no such model, version or alias) or ``Transient`` (registry unreachable).
+The registry is passed in (an ``ml.registry.Registry``: its ``resolve`` turns a version or alias
+into a version number, or raises ``NotFound`` / ``Transient``), so this module imports no MLflow.
+
+A change is done when the serving processes say so: ``confirm`` asks each running one (found by
+its run file, ``data_dir/run/serve.json`` and ``api.json``) to apply the catalog now
+(``POST /api/v1/serving/refresh``, authorised by the data dir's control secret) until it answers
+with the deployment's state in the catalog (its generation, its models loaded; or its absence),
+and raises ``NotConfirmed`` naming each one that did not within the timeout.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..core.catalog import Catalog
-from ..core.errors import AlreadyExists, InvalidInput, NotFound, Transient
+from ..core.devices import DeviceDirectory
+from ..core.errors import (
+    AlreadyExists,
+    InvalidInput,
+    Iot2mlError,
+    NotConfirmed,
+    NotFound,
+)
 from .deployments import Deployment, Deployments, build_spec, parse_rollback_on
 
 PREDICT_PATH = "/api/v1/models/{name}/predict"
-
-#: MLflow error codes that mean "there is no such thing" (an unset alias is reported as a bad parameter).
-_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def predict_path(name: str) -> str:
@@ -48,39 +61,6 @@ def action_for(*, version: str | None = None, canary: float | None = None, ab: s
     return "deploy"
 
 
-def _known_versions(client: Any, name: str) -> str:
-    try:
-        found = sorted(int(mv.version) for mv in client.search_model_versions(f"name='{name}'"))
-    except Exception:  # noqa: BLE001 - only a hint in an error message
-        return ""
-    return f" (it has {', '.join(map(str, found))})" if found else ""
-
-
-def resolve(client: Any, name: str, ref: str) -> int:
-    """The version number ``ref`` (a number or an alias) stands for in the registry, now."""
-    try:
-        if ref.isdigit():
-            return int(client.get_model_version(name, ref).version)
-        return int(client.get_model_version_by_alias(name, ref).version)
-    except Exception as err:  # the registry's own error types stay behind this boundary
-        if getattr(err, "error_code", None) not in _MISSING:
-            raise Transient(f"the model registry cannot be read: {err}") from err
-        what = f"no version {ref}" if ref.isdigit() else f"no version with alias {ref!r}"
-        raise NotFound(f"model {name!r} has {what}{_known_versions(client, name)}: "
-                       "see 'iot2ml models list'") from None
-
-
-def check_model(client: Any, name: str) -> None:
-    """``NotFound`` unless ``name`` is a registered model."""
-    try:
-        client.get_registered_model(name)
-    except Exception as err:  # see resolve
-        if getattr(err, "error_code", None) not in _MISSING:
-            raise Transient(f"the model registry cannot be read: {err}") from err
-        raise NotFound(f"model {name!r} is not registered: train it first ('iot2ml train ... --name {name}'), "
-                       "see 'iot2ml models list'") from None
-
-
 def summary(spec: Deployment, resolved: dict[str, int] | None = None) -> dict[str, Any]:
     """``spec.describe()`` plus each variant's share of requests (and the version its ref resolved to)
     and the predict path: what the CLI prints and the API answers."""
@@ -95,12 +75,13 @@ def summary(spec: Deployment, resolved: dict[str, int] | None = None) -> dict[st
     return out
 
 
-def deploy(deployments: Deployments, catalog: Catalog, registry: Any, name: str, *, who: str,
+def deploy(deployments: Deployments, directory: DeviceDirectory, registry: Any, name: str, *, who: str,
            version: str | None = None, canary: float | None = None, bake_seconds: float | None = None,
            rollback_on: str | dict[str, float] | None = None, ab: str | None = None, shadow: str | None = None,
            stream: str | None = None, devices: str | None = None, reason: str = "") -> dict[str, Any]:
     """Check, build and store the deployment ``iot2ml deploy NAME ...`` asks for; the stored state's
-    :func:`summary` with ``action``. ``stream=""`` / ``devices=""`` unbind; nothing is stored on error."""
+    :func:`summary` with ``action``. ``stream=""`` / ``devices=""`` unbind; nothing is stored on error.
+    ``directory`` knows the device types (``auth.store.Devices``), ``registry`` the model versions."""
     version = None if version is None else str(version).strip() or None
     shadow = None if shadow is None else str(shadow).strip() or None
     if bake_seconds is not None and not bake_seconds > 0:
@@ -119,14 +100,13 @@ def deploy(deployments: Deployments, catalog: Catalog, registry: Any, name: str,
     spec = build_spec(current, name, version=version, canary=canary, bake_seconds=bake_seconds,
                       rollback_on=thresholds, ab=ab, shadow=shadow, stream=stream, devices=devices)
 
-    check_model(registry, name)
-    resolved = {v.ref: resolve(registry, name, v.ref) for v in spec.variants}
+    resolved = {v.ref: registry.resolve(name, v.ref) for v in spec.variants}
     for option, type_name in (("stream", stream), ("devices", devices)):
         if type_name:
             try:
-                catalog.get_type(type_name)
+                directory.get_type(type_name)
             except NotFound:
-                known = ", ".join(t.name for t in catalog.list_types()) or "none yet"
+                known = ", ".join(t.name for t in directory.list_types()) or "none yet"
                 raise NotFound(f"{option} {type_name!r} is not a device type (known: {known}): "
                                "see 'iot2ml types list'") from None
     if devices:
@@ -138,3 +118,101 @@ def deploy(deployments: Deployments, catalog: Catalog, registry: Any, name: str,
     action = action_for(version=version, canary=canary, ab=ab, shadow=shadow, stream=stream, devices=devices)
     stored = deployments.put(spec, who=who, action=action, reason=reason)
     return {**summary(stored, resolved), "action": action}
+
+
+# --------------------------------------------------------------------------- confirmation
+
+SERVING_COMPONENTS = ("serve", "api")
+"""Components that answer predictions, each with its own runtime (their run files name them)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A serving process to confirm a change with. ``refresh(timeout)`` makes it apply the catalog
+    now and answers what it serves (``GET /api/v1/serving``'s ``deployments``)."""
+
+    label: str
+    """``serve (pid 4711, http://127.0.0.1:8090)``: how messages name it."""
+    log: str
+    """Where to look when it does not confirm."""
+    refresh: Callable[[float], list[dict[str, Any]]]
+
+
+def serves(described: list[dict[str, Any]], name: str, want: Deployment | None) -> bool:
+    """Whether a runtime's ``describe()`` shows ``want`` for ``name``: its generation (and time, as a
+    redeployed name starts again at generation 1), or no ``name`` at all when ``want`` is ``None``."""
+    item = next((d for d in described if d.get("name") == name), None)
+    if want is None:
+        return item is None
+    return item is not None and item.get("generation") == want.generation and item.get("updated_at") == want.updated_at
+
+
+def _http_peer(data_dir: Path, component: str, info: dict[str, Any]) -> Peer:
+    import httpx
+
+    from ..core.runtime import control_token
+
+    url = str(info["url"]).replace("://0.0.0.0:", "://127.0.0.1:")
+    headers = {"Authorization": f"Bearer {control_token(data_dir)}"}
+
+    def refresh(timeout: float) -> list[dict[str, Any]]:
+        try:
+            r = httpx.post(f"{url}/api/v1/serving/refresh", headers=headers, timeout=max(timeout, 0.1))
+        except httpx.HTTPError as err:
+            raise NotConfirmed(f"did not answer ({type(err).__name__}: {err})") from None
+        if r.status_code != 200:
+            raise NotConfirmed(f"answered {r.status_code}: {r.text[:300]}")
+        return r.json()["deployments"]
+
+    log = Path(data_dir) / "run" / f"{component}.log"
+    return Peer(f"{component} (pid {info.get('pid')}, {url})", f"its log ({log} under 'iot2ml up')", refresh)
+
+
+def serving_peers(data_dir: Path, *, skip_pid: int | None = None) -> list[Peer]:
+    """The serving processes running on ``data_dir`` (by their run files; stale files are skipped)."""
+    from ..core.runtime import pid_alive, read_run_info
+
+    peers = []
+    for component in SERVING_COMPONENTS:
+        try:
+            info = read_run_info(data_dir, component)
+        except (Iot2mlError, ValueError):
+            continue
+        pid = int(info.get("pid") or 0)
+        if "url" not in info or pid == skip_pid or not pid_alive(pid):
+            continue
+        peers.append(_http_peer(data_dir, component, info))
+    return peers
+
+
+def confirm(peers: list[Peer], name: str, current: Callable[[], Deployment | None], *,
+            timeout: float) -> list[str]:
+    """Wait until every peer serves ``current()`` (the deployment's state in the catalog, re-read on
+    each try, so a later change such as a canary promotion counts too); the labels of the peers.
+    ``NotConfirmed`` names each peer that did not within ``timeout`` seconds and what it did instead."""
+    deadline = time.monotonic() + timeout
+
+    def one(peer: Peer) -> str | None:
+        last = "never answered"
+        while True:
+            want = current()
+            try:
+                if serves(peer.refresh(max(0.1, deadline - time.monotonic())), name, want):
+                    return None
+                what = "still serves it" if want is None else f"does not serve generation {want.generation} yet"
+                last = f"{what} (a model that does not load keeps the previous state answering)"
+            except NotConfirmed as err:
+                last = str(err)
+            if time.monotonic() + 0.2 >= deadline:
+                goal = f"stop serving {name}" if want is None else f"load generation {want.generation} of {name}"
+                return (f"{peer.label} did not {goal} within {timeout:g} s: {last}; see {peer.log}")
+            time.sleep(0.2)
+
+    if not peers:
+        return []
+    with ThreadPoolExecutor(max_workers=len(peers), thread_name_prefix="iot2ml-confirm") as pool:
+        failures = [f for f in pool.map(one, peers) if f]
+    if failures:
+        raise NotConfirmed("; ".join(failures) + ". The change is stored and applies when they do "
+                           "(or on their next poll of the catalog)")
+    return [p.label for p in peers]

@@ -26,21 +26,21 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from ..core.catalog import Catalog, _meta
+from ..core.catalog import Catalog, metadata
 from ..core.errors import InvalidInput, NotFound, Transient
 
 ROLES = ("primary", "canary", "ab", "shadow")
 THRESHOLDS = ("error_rate", "p99_ms", "p50_ms")
 
 _deployments = sa.Table(
-    "deployments", _meta,
+    "deployments", metadata,
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("spec_json", sa.Text, nullable=False),
     sa.Column("generation", sa.Integer, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 _events = sa.Table(
-    "deployment_events", _meta,
+    "deployment_events", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("name", sa.String(128), nullable=False, index=True),
     sa.Column("generation", sa.Integer, nullable=False),
@@ -198,22 +198,22 @@ class Deployments:
     """Deployment specs and their audit trail in the catalog database."""
 
     def __init__(self, catalog: Catalog) -> None:
-        self._engine = catalog._engine
-        _meta.create_all(self._engine, tables=[_deployments, _events])
+        self.catalog = catalog
+        catalog.register(_deployments, _events)
 
     def get(self, name: str) -> Deployment | None:
-        with self._engine.connect() as conn:
+        with self.catalog.connect() as conn:
             row = conn.execute(sa.select(_deployments).where(_deployments.c.name == name)).first()
         return None if row is None else self._from_row(row)
 
     def list(self) -> list[Deployment]:
-        with self._engine.connect() as conn:
+        with self.catalog.connect() as conn:
             rows = conn.execute(sa.select(_deployments).order_by(_deployments.c.name)).all()
         return [self._from_row(r) for r in rows]
 
     def stamp(self) -> tuple[tuple[str, int], ...]:
         """Cheap change detector: (name, generation) of every deployment."""
-        with self._engine.connect() as conn:
+        with self.catalog.connect() as conn:
             rows = conn.execute(sa.select(_deployments.c.name, _deployments.c.generation)).all()
         return tuple(sorted((r.name, int(r.generation)) for r in rows))
 
@@ -233,7 +233,7 @@ class Deployments:
         for _ in range(5):
             now = _now()
             try:
-                with self._engine.begin() as conn:
+                with self.catalog.begin() as conn:
                     row = conn.execute(sa.select(_deployments).where(_deployments.c.name == spec.name)
                                        .with_for_update()).first()
                     current = int(row.generation) if row is not None else 0
@@ -258,7 +258,7 @@ class Deployments:
 
     def remove(self, name: str, *, who: str, reason: str = "") -> None:
         now = _now()
-        with self._engine.begin() as conn:
+        with self.catalog.begin() as conn:
             row = conn.execute(sa.select(_deployments).where(_deployments.c.name == name)).first()
             if row is None:
                 raise NotFound(f"model {name!r} is not deployed: see 'iot2ml deployments list'")
@@ -271,7 +271,7 @@ class Deployments:
         current = self.get(name)
         if current is None:
             raise NotFound(f"model {name!r} is not deployed: see 'iot2ml deployments list'")
-        with self._engine.connect() as conn:
+        with self.catalog.connect() as conn:
             rows = conn.execute(sa.select(_events.c.spec_json).where(
                 _events.c.name == name, _events.c.spec_json.is_not(None)).order_by(_events.c.id.desc())).all()
         target = current.to_json()
@@ -292,7 +292,7 @@ class Deployments:
         query = sa.select(_events).order_by(_events.c.id.desc()).limit(limit)
         if name:
             query = query.where(_events.c.name == name)
-        with self._engine.connect() as conn:
+        with self.catalog.connect() as conn:
             rows = conn.execute(query).all()
         out = []
         for r in rows:

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from ..core.devices import DeviceDirectory
 from ..core.errors import Iot2mlError, NotFound
 from .runtime import ServingRuntime
 
@@ -43,11 +44,11 @@ def reply_subject(device_id: str) -> str:
 
 
 class _DeviceTypes:
-    """device id -> type from the catalog, re-read when the catalog changes (checked every 2 s, and at
+    """device id -> type from the device registry, re-read when it changes (checked every 2 s, and at
     once when one of ``unknown`` is missing: a device registered a moment ago)."""
 
-    def __init__(self, catalog: Any) -> None:
-        self.catalog = catalog
+    def __init__(self, devices: DeviceDirectory) -> None:
+        self.devices = devices
         self._types: dict[str, str] = {}
         self._version = -1
         self._checked = 0.0
@@ -56,9 +57,9 @@ class _DeviceTypes:
         if time.monotonic() - self._checked < 2.0 and all(d in self._types for d in unknown):
             return
         self._checked = time.monotonic()
-        version = self.catalog.version()
+        version = self.devices.version()
         if version != self._version:
-            self._types = self.catalog.device_types()
+            self._types = self.devices.device_types()
             self._version = version
 
     def get(self, device_id: str) -> str | None:
@@ -82,11 +83,11 @@ async def _connect(url: str | Callable[[], str]) -> Any:
             await asyncio.sleep(0.5)
 
 
-async def run_device_channels(settings: Any, runtime: ServingRuntime, catalog: Any,
+async def run_device_channels(settings: Any, runtime: ServingRuntime, devices: DeviceDirectory,
                               url: str | Callable[[], str], stop: asyncio.Event) -> None:
     """Answer MQTT requests and run streaming deployments until ``stop`` is set."""
     nc = await _connect(url)
-    types = _DeviceTypes(catalog)
+    types = _DeviceTypes(devices)
     await asyncio.get_running_loop().run_in_executor(None, types.refresh)
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
@@ -182,7 +183,7 @@ class StreamScorer:
         """The last ``_seq`` scored (the mark in ``predictions``); on a first start, the table's newest."""
         import pyarrow.compute as pc
 
-        from ..ml.jobs import PREDICTIONS
+        from ..core.tables import PREDICTIONS
 
         lake = self.runtime.lake
         mark = lake.txn_version(PREDICTIONS, self.app_id) if lake.exists(PREDICTIONS) else None
@@ -230,12 +231,14 @@ class StreamScorer:
                 seen_version = version
 
     def _entity(self, rows: Any, versions: list[Any]) -> Any:
-        """The model's entity column (e.g. a wine ``batch_id``) as strings, else nulls."""
+        """The model's entity column (e.g. a wine ``batch_id``) as strings, else nulls (as batch scoring writes it)."""
         import pyarrow as pa
+
+        from ..ml.jobs import entity_column
 
         version = next((v for v in versions if v is not None), None)
         loaded = self.runtime.cache.peek(self.name, version) if version is not None else None
-        column = getattr(loaded.predictor, "entity", None) if loaded is not None else None
+        column = entity_column(loaded.predictor.model) if loaded is not None else None
         if column and column in rows.column_names:
             return rows.column(column).cast(pa.string())
         return pa.nulls(rows.num_rows, pa.string())
@@ -245,7 +248,7 @@ class StreamScorer:
         then publish each answer to its device."""
         import pyarrow as pa
 
-        from ..ml.jobs import PREDICTION_SCHEMA, PREDICTIONS
+        from ..core.tables import PREDICTIONS, PREDICTIONS_SCHEMA
 
         loop = asyncio.get_running_loop()
         n = rows.num_rows
@@ -268,7 +271,7 @@ class StreamScorer:
             "label": pa.array(cols["label"] if cols else [None] * n, pa.string()),
             "scores": pa.array(cols["scores"] if cols else [orjson.dumps({"error": error}).decode()] * n, pa.string()),
             "scored_at": pa.repeat(now, n),
-        }, schema=PREDICTION_SCHEMA)
+        }, schema=PREDICTIONS_SCHEMA)
         await loop.run_in_executor(None, lambda: self.runtime.lake.append(
             PREDICTIONS, table, app_id=self.app_id, version=seq_hi))
         self.scored += n

@@ -1,6 +1,6 @@
 """The serving runtime: deployed models in memory, requests routed to variants, answers batched.
 
-One ``ServingRuntime`` per process answers REST (``serve/app.py``), MQTT request/reply
+One ``ServingRuntime`` per process answers REST (``serve/http.py``), MQTT request/reply
 (``serve/mqtt.py``) and streaming deployments (``serve/stream.py``) alike:
 
 - models come from the MLflow registry by version or alias, are loaded once into an LRU cache
@@ -35,25 +35,20 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import orjson
 
-from ..core.errors import InvalidInput, Iot2mlError, NotFound
+from ..core.errors import InvalidInput, ModelFailed, NotFound
+from ..core.tables import PREDICTION_LOG
 from .deployments import Deployment, Deployments, Variant
 from .predictors import Prepared, check_instances, predictor_for
 
 log = logging.getLogger("iot2ml.serve")
 
-PREDICTION_LOG = "prediction_log"
 WINDOW_SECONDS = 120.0
 MIN_CANARY_REQUESTS = 10
 """A canary is promoted only after this many answered requests (and its bake time)."""
 MIN_LATENCY_SAMPLES = 20
 """Latency thresholds are judged only on at least this many requests."""
-
-
-class ModelFailed(Iot2mlError):
-    """The model raised or could not be loaded while answering valid input (HTTP 503)."""
 
 
 # --------------------------------------------------------------------------- model cache
@@ -142,6 +137,10 @@ class ModelCache:
             self._items.pop(key)
             self.evictions += 1
             log.info("unloaded %s v%s (cache bound)", *key)
+
+    def holds(self, name: str, version: int | None = None) -> bool:
+        """Whether ``name`` (that version, or any) is loaded; unlike ``peek`` it does not count as a use."""
+        return any(n == name and version in (None, v) for n, v in self._items)
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": i.name, "version": i.version, "task": i.task, "size_mb": round(i.size_mb, 1)}
@@ -309,25 +308,15 @@ class PredictionLog:
     def flush(self) -> int:
         import pyarrow as pa
 
+        from ..core.tables import PREDICTION_LOG_SCHEMA
+
         with self._lock:
             rows, self._rows = self._rows, []
         if not rows or self.lake is None:
             return 0
         cols = list(zip(*rows))
-        table = pa.table({
-            "ts": pa.array(cols[0], pa.timestamp("us", tz="UTC")),
-            "request_id": pa.array(cols[1], pa.string()),
-            "model": pa.array(cols[2], pa.string()),
-            "version": pa.array(cols[3], pa.int64()),
-            "variant": pa.array(cols[4], pa.string()),
-            "source": pa.array(cols[5], pa.string()),
-            "device_id": pa.array(cols[6], pa.string()),
-            "latency_ms": pa.array(cols[7], pa.float64()),
-            "inputs_hash": pa.array(cols[8], pa.string()),
-            "prediction": pa.array(cols[9], pa.string()),
-            "ok": pa.array(cols[10], pa.bool_()),
-            "error": pa.array(cols[11], pa.string()),
-        })
+        table = pa.table([pa.array(c, f.type) for c, f in zip(cols, PREDICTION_LOG_SCHEMA)],
+                         schema=PREDICTION_LOG_SCHEMA)
         self._seq += 1
         try:
             self.lake.append(PREDICTION_LOG, table, app_id=self._app, version=self._seq)
@@ -363,10 +352,19 @@ class Answer:
 class ServingRuntime:
     """See the module docstring. ``start()`` inside the event loop, ``stop()`` at the end."""
 
-    def __init__(self, settings: Any, catalog: Any, *, registry: Any, lake: Any) -> None:
+    def __init__(self, settings: Any, catalog: Any, *, registry: Any, lake: Any, lazy: bool = False,
+                 judge: bool = True) -> None:
         """``registry``: an ``ml.registry.Registry`` (loads versions, resolves aliases); ``lake``: a
-        ``lake.Lake`` for ``prediction_log`` and streamed ``predictions``. The composition root builds both."""
+        ``lake.Lake`` for ``prediction_log`` and streamed ``predictions``. The composition root builds both.
+
+        ``lazy``: a deployment's models load on its first request instead of when it is deployed (once
+        loaded, a change is warmed before the switch as usual): the API process, which answers a few
+        models of many. ``judge=False``: this runtime records its figures but never promotes or rolls
+        back a canary (see ``docs/decisions/0009-predictions-on-the-api-port.md``)."""
         self.settings = settings
+        self.lazy = lazy
+        self.judging = judge
+        self._refreshing = asyncio.Lock()
         self.deployments = Deployments(catalog)
         self.registry = registry
         self.lake = lake
@@ -390,8 +388,9 @@ class ServingRuntime:
         await self.refresh()
         self.ready.set()
         self._tasks = [asyncio.create_task(self._loop(self.refresh, self.settings.serve_poll), name="refresh"),
-                       asyncio.create_task(self._loop(self.judge, 0.25), name="judge"),
                        asyncio.create_task(self._loop(self._flush, 1.0), name="prediction-log")]
+        if self.judging:
+            self._tasks.append(asyncio.create_task(self._loop(self.judge, 0.25), name="judge"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -418,34 +417,41 @@ class ServingRuntime:
 
     # ---- deployments -------------------------------------------------------------------
     async def _resolve(self, name: str, ref: str) -> int:
-        if ref.isdigit():
-            return int(ref)
-        loop = asyncio.get_running_loop()
-        try:
-            mv = await loop.run_in_executor(None, self.registry.client.get_model_version_by_alias, name, ref)
-        except Exception as err:
-            raise NotFound(f"model {name!r} has no version with alias {ref!r}: see 'iot2ml models list'") from err
-        return int(mv.version)
+        return await asyncio.get_running_loop().run_in_executor(None, self.registry.resolve, name, ref)
 
-    async def refresh(self) -> None:
-        """Pick up deployment changes and moved aliases; switch only once the new versions are loaded."""
+    async def refresh(self, *, relist: bool = False) -> None:
+        """Pick up deployment changes and moved aliases; switch only once the new versions are loaded
+        (``lazy``: a deployment no request used yet switches at once). Runs every ``serve_poll``, and at
+        once on ``POST /api/v1/serving/refresh`` (``iot2ml deploy`` waits for that: ``relist`` re-reads
+        every spec, not only those whose generation moved); one at a time, so a slower earlier pass
+        never puts back an older state."""
+        async with self._refreshing:
+            if relist:
+                self._stamp = None
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()
         stamp = await loop.run_in_executor(None, self.deployments.stamp)
         specs = self._specs
         if stamp != self._stamp:
             specs = {d.name: d for d in await loop.run_in_executor(None, self.deployments.list)}
+        pending = False
         for name, spec in specs.items():
             versions: dict[tuple[str, str], int] = {}
+            warm = not self.lazy or self.cache.holds(name)
             try:
                 for variant in spec.variants:
                     version = await self._resolve(name, variant.ref)
-                    await self.cache.get(name, version)  # warm before switching
+                    if warm:
+                        await self.cache.get(name, version)  # warm before switching
                     versions[(name, variant.ref)] = version
             except Exception as err:  # noqa: BLE001 - keep what answers now
                 log.error("deployment %s generation %s cannot be served yet: %s", name, spec.generation, err)
+                pending = True  # tried again on the next pass, though the catalog did not change
                 continue
             old = self._specs.get(name)
-            changed = old is None or old.generation != spec.generation or any(
+            changed = old is None or old != spec or any(
                 self._versions.get(k) != v for k, v in versions.items())
             self._versions.update(versions)
             if changed:
@@ -457,7 +463,7 @@ class ServingRuntime:
         for name in [n for n in self._specs if n not in specs]:
             self._specs.pop(name)
             log.info("undeployed %s", name)
-        self._stamp = stamp
+        self._stamp = None if pending else stamp
         if self.cache.loads != self._frozen_at:
             # Models, MLflow and pandas leave a million long-lived objects: a full collection over
             # them stalls every request for a few hundred ms. Move them out of the collector's sight.
@@ -473,6 +479,10 @@ class ServingRuntime:
             raise NotFound(f"model {name!r} is not deployed here: run 'iot2ml deploy {name}' "
                            f"(deployed: {', '.join(sorted(self._specs)) or 'none'})")
         return spec
+
+    def deployed(self) -> list[str]:
+        """Names of the deployments this runtime answers for now."""
+        return sorted(self._specs)
 
     def check_device(self, name: str, device_id: str, device_type: str | None) -> None:
         """A device may use only deployments bound to its type (``--devices TYPE`` or ``--stream TYPE``);
@@ -500,7 +510,8 @@ class ServingRuntime:
         for name, spec in sorted(self._specs.items()):
             item = spec.describe()
             for v, d in zip(spec.variants, item["variants"]):
-                d["resolved_version"] = self._versions.get((name, v.ref))
+                d["resolved_version"] = version = self._versions.get((name, v.ref))
+                d["loaded"] = version is not None and self.cache.holds(name, version)
             item["stats"] = self.stats.describe(name)
             out.append(item)
         return out
@@ -513,8 +524,7 @@ class ServingRuntime:
         allowed = getattr(loaded.predictor, "allowed", None)
         if lenient and allowed is not None:  # a table row: take the model's fields, leave the rest
             instances = [{k: v for k, v in item.items() if k in allowed} for item in instances]
-        prepared = (loaded.predictor.prepare(instances, configuration) if loaded.task == "forecast"
-                    else loaded.predictor.prepare(instances))
+        prepared = loaded.predictor.prepare(instances, configuration)
         return version, await loaded.batcher.submit(prepared)
 
     async def predict(self, name: str, instances: Any, *, key: str | None = None, request_id: str | None = None,
@@ -616,8 +626,7 @@ class ServingRuntime:
         def work() -> dict[str, Any]:
             prepared = loaded.predictor.prepare_table(part)
             cols = loaded.predictor.score_table(prepared)
-            matrix = prepared.rows if isinstance(prepared.rows, np.ndarray) else prepared.rows[1]
-            cols["hashes"] = [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in matrix]
+            cols["hashes"] = [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in prepared.rows]
             return cols
 
         cols = await asyncio.get_running_loop().run_in_executor(self.executor, work)

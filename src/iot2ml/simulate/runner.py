@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
+from ..auth.store import Devices
 from ..core.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import AuthError, BrokerUnavailable, ConfigError, Iot2mlError, Transient
@@ -121,7 +122,8 @@ def run_simulation(
 
     catalog = Catalog(settings.catalog)
     try:
-        tokens = [catalog.add_device(d, scenario.device_type, rotate=True) for d in ids]
+        store = Devices(catalog)
+        tokens = [store.add_device(d, scenario.device_type, rotate=True) for d in ids]
     finally:
         catalog.close()
 

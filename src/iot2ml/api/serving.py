@@ -1,0 +1,70 @@
+"""The serving process's app (``iot2ml serve``): the predict routes of ``serve.http`` over its own
+runtime, plus MQTT request/reply and streaming deployments when it is given the broker.
+
+The same pieces as the API's app (``core.http`` for who is calling, errors and ``/metrics``;
+``serve.http`` for the routes), composed for a process that does nothing but answer predictions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from ..auth import Guard
+from ..core.catalog import Catalog
+from ..core.config import Settings
+from ..core.http import Credentials, add_metrics_route, install_error_handlers, provide
+from ..core.runtime import control_token
+from ..serve.http import Serving, predict_router
+from ..serve.runtime import ServingRuntime
+
+log = logging.getLogger("iot2ml.serve")
+
+
+def create_serve_app(settings: Settings, *, catalog: Catalog, runtime: ServingRuntime,
+                     nats_url: str | Callable[[], str] | None = None) -> FastAPI:
+    """The app of ``iot2ml serve``. With ``nats_url`` (a URL or a function giving one) it also answers
+    MQTT requests and runs the streaming deployments."""
+    guard = Guard(catalog, control=control_token(settings.data_dir))
+    channels: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await runtime.start()
+        if nats_url is not None:
+            from ..serve.mqtt import run_device_channels
+
+            channels["stop"] = asyncio.Event()
+            channels["task"] = asyncio.create_task(run_device_channels(settings, runtime, guard.devices, nats_url,
+                                                                       channels["stop"]))
+        try:
+            yield
+        finally:
+            if "stop" in channels:
+                channels["stop"].set()
+                try:
+                    await asyncio.wait_for(channels["task"], 5)
+                except Exception as err:  # noqa: BLE001 - shutting down anyway
+                    log.debug("device channels did not stop cleanly: %s", err)
+            await runtime.stop()
+
+    app = FastAPI(title="iot2ml serving", version="0.1.0", lifespan=lifespan,
+                  description="Predictions from deployed models. Devices authenticate with their token, "
+                              "people and scripts with API keys.")
+    install_error_handlers(app)
+    provide(app, guard, as_type=Credentials)
+    provide(app, Serving(runtime, settings.max_payload_bytes, component="serve"))
+    app.include_router(predict_router)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return {"ok": runtime.ready.is_set(), "deployments": runtime.deployed()}
+
+    add_metrics_route(app)
+    app.state.runtime = runtime
+    return app
