@@ -132,6 +132,9 @@ def test_every_change_is_an_event_and_rollback_restores_the_previous_spec(store)
         store.remove("wq", who="dan")
     with pytest.raises(NotFound, match="not deployed"):
         store.rollback("wq", who="dan")
+    # A redeploy continues the generations (3 served, 4 the undeploy): a serving process never
+    # takes the new state for one it already had.
+    assert store.put(build_spec(None, "wq", version="6"), who="ann", action="deploy").generation == 5
 
 
 def test_rollback_needs_an_earlier_state_and_a_restored_canary_bakes_anew(store):

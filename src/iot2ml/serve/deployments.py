@@ -239,7 +239,12 @@ class Deployments:
                     current = int(row.generation) if row is not None else 0
                     if expect_generation is not None and current != expect_generation:
                         return self._from_row(row) if row is not None else spec
-                    generation = current + 1
+                    # Generations only grow, across an undeploy too: a process that served generation 3
+                    # before the undeploy must not take a redeploy's generation 1 for old news.
+                    last = current if row is not None else int(conn.execute(
+                        sa.select(sa.func.coalesce(sa.func.max(_events.c.generation), 0))
+                        .where(_events.c.name == spec.name)).scalar_one())
+                    generation = last + 1
                     text = spec.to_json()
                     if row is None:
                         conn.execute(_deployments.insert().values(name=spec.name, spec_json=text,
