@@ -9,8 +9,8 @@ guide, in an empty directory, as a new user would paste them.
   Comment lines inside a here-document are the document's, not output.
 - The platform gets free ports through ``IOT2ML_*_PORT`` variables (this machine runs Mosquitto on
   1883 and NATS on 4222); guides read the ports they need from ``iot2ml up --detach --json``.
-- ``SUBSTITUTIONS`` shortens what only waits (a canary's bake time, the traffic that feeds it); each
-  must occur in some guide.
+- ``SUBSTITUTIONS`` shortens what only waits (a canary's bake time); each must occur in its guide.
+- The guides run at once, ``WORKERS`` at a time; ``pytest -s`` shows each block's output and time.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDES = ROOT / "docs" / "guides"
 
 SUBSTITUTIONS: dict[str, dict[str, str]] = {
-    "serving-rest-forecast.md": {"--bake 1m": "--bake 20s", "traffic 70": "traffic 25", "traffic 20": "traffic 10"},
+    "serving-rest-forecast.md": {"--bake 1m": "--bake 15s"},
 }
 """Per guide, text replaced in its bash blocks before they run."""
 
 SLOW = {"serving-rest-forecast.md", "serving-streaming-promotion.md", "pollution.md"}
 BLOCK_TIMEOUT = 240.0
+WORKERS = int(os.environ.get("IOT2ML_TEST_GUIDE_WORKERS", "3"))
+"""Guides run at once (each with its own platform)."""
 _BORDERS = re.compile(r"[┆│┃┏┓┗┛━─┡┩╇┳┻┼└┘┌┐├┤┬┴╭╮╰╯═║╔╗╚╝]")
 
 
@@ -52,7 +56,7 @@ class Block:
 def blocks(path: Path) -> list[Block]:
     """The ```bash blocks of a guide with the output lines each one quotes."""
     out = []
-    for match in re.finditer(r"^```bash\n(.*?)^```", path.read_text(), re.S | re.M):
+    for match in re.finditer(r"^```bash\n(.*?)^```", path.read_text(), re.DOTALL | re.MULTILINE):
         block = Block(match.group(1), line=path.read_text()[:match.start()].count("\n") + 1)
         heredoc = None
         for line in block.code.splitlines():
@@ -163,21 +167,23 @@ def test_every_guide_has_bash_blocks_and_the_substitutions_apply():
     for path in sorted(GUIDES.glob("*.md")):
         code = "\n".join(b.code for b in blocks(path))
         assert code.strip(), f"{path.name} has no bash block"
-        assert "iot2ml up --detach" in code and code.rstrip().endswith("iot2ml down"), path.name
+        commands = [line for line in code.splitlines() if line.strip() and not line.startswith("#")]
+        assert "iot2ml up --detach" in commands[0] and commands[-1] == "iot2ml down", path.name
         for old in SUBSTITUTIONS.get(path.name, {}):
             assert old in code, f"substitution {old!r} no longer occurs in {path.name}"
 
 
-@pytest.mark.parametrize("name", guide_params())
-def test_guide_runs_verbatim(name, tmp_path):
+def run_guide(name: str, workdir: Path) -> tuple[str | None, str]:
+    """Run guide ``name`` in ``workdir``: (what went wrong or None, the transcript)."""
     path = GUIDES / name
     nats, mqtt, http, serve = free_ports(4)
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
            "IOT2ML_NATS_PORT": str(nats), "IOT2ML_MQTT_PORT": str(mqtt), "IOT2ML_HTTP_PORT": str(http),
            "IOT2ML_SERVE_PORT": str(serve), "PYTHONUNBUFFERED": "1"}
     env.pop("COLUMNS", None)
-    session = Session(tmp_path, env)
+    transcript: list[str] = []
+    problem = None
+    session = Session(workdir, env)
     started = time.monotonic()
     try:
         for n, block in enumerate(blocks(path)):
@@ -186,15 +192,41 @@ def test_guide_runs_verbatim(name, tmp_path):
                 code = code.replace(old, new)
             began = time.monotonic()
             finished, output = session.run(n, code, BLOCK_TIMEOUT)
-            print(f"--- {name} block {n + 1}: {time.monotonic() - began:.1f} s ---\n{output}")  # -s shows it
-            where = f"{name} block {n + 1} (line {block.line})"
-            assert finished, f"{where} failed:\n{block.code}\n--- output ---\n{output}"
+            transcript.append(f"--- {name} block {n + 1} (line {block.line}), {time.monotonic() - began:.1f} s ---\n"
+                              f"{output}")
+            if not finished:
+                problem = f"block {n + 1} (line {block.line}) failed:\n{block.code}"
+                break
             missing = [e for e in block.expected if not shows(output, e)]
-            assert not missing, f"{where} did not print {missing}:\n--- output ---\n{output}"
+            if missing:
+                problem = f"block {n + 1} (line {block.line}) did not print {missing}"
+                break
     finally:
         session.close()
-        if (tmp_path / "data" / "run" / "up.json").exists():
-            subprocess.run([sys.executable, "-m", "iot2ml", "down", "--data-dir", str(tmp_path / "data")],
-                           env=env, capture_output=True, timeout=90)
-        print(f"{name}: {time.monotonic() - started:.0f} s")
-    shutil.rmtree(tmp_path / "data", ignore_errors=True)
+        if (workdir / "data" / "run" / "up.json").exists():
+            subprocess.run([sys.executable, "-m", "iot2ml", "down", "--data-dir", str(workdir / "data")],
+                           env=env, capture_output=True, timeout=90, check=False)
+        transcript.append(f"{name}: {time.monotonic() - started:.0f} s")
+    if problem is None:
+        shutil.rmtree(workdir / "data", ignore_errors=True)
+    return problem, "\n".join(transcript)
+
+
+@pytest.fixture(scope="module")
+def guide_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    """Every selected guide, started at once on WORKERS threads (longest first): most of a guide's
+    time is waiting for processes, so they overlap well even on two cores."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "callspec", None) and item.originalname == "test_guide_runs_verbatim"]
+    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="guide")
+    runs = {name: pool.submit(run_guide, name, tmp_path_factory.mktemp(Path(name).stem))
+            for name in sorted(selected, key=lambda n: (n not in SLOW, n))}
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("name", guide_params())
+def test_guide_runs_verbatim(name, guide_runs):
+    problem, transcript = guide_runs[name].result()
+    print(transcript)  # -s shows every block's output
+    assert problem is None, f"{name}: {problem}\n{transcript}"

@@ -139,7 +139,7 @@ def test_up_cli_mqtt_http_sql_metrics_and_clean_stop(platform):
     for name in ("iot2ml_ingest_messages_received_total", "iot2ml_ingest_dead_letters_total",
                  "iot2ml_ingest_consumer_lag", "iot2ml_ingest_write_seconds_bucket"):
         assert name in metrics
-    received = re.search(r"^iot2ml_ingest_messages_received_total (\S+)", metrics, re.M)
+    received = re.search(r"^iot2ml_ingest_messages_received_total (\S+)", metrics, re.MULTILINE)
     assert received and float(received.group(1)) >= 3.0  # 2 readings + 1 bad message (+ a resend, if any)
 
     # Revocation takes effect without a restart.

@@ -201,9 +201,9 @@ def serving_runtime(settings: Settings, catalog: Any) -> Any:
 def run_serve_component(settings: Settings, *, port: int | None = None, no_broker: bool = False) -> None:
     """The serving runtime: REST predictions, and with the broker MQTT request/reply and streaming."""
 
+    from .api import create_serve_app
     from .core.catalog import Catalog
     from .core.runtime import claim_port
-    from .api import create_serve_app
 
     use_metrics_dir(settings)
     port = claim_port(settings.host, settings.serve_port if port is None else port, "--serve-port")

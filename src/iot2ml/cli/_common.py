@@ -46,6 +46,7 @@ def _quiet() -> None:
     """Our warnings on stderr; other libraries' messages and Python warnings into the debug log."""
     setup_logging(component=False)
 
+
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory \\[env IOT2ML_DATA_DIR].")]
 NatsPort = Annotated[int | None, typer.Option("--nats-port", help="NATS port, 0 = pick a free one.")]
 MqttPort = Annotated[int | None, typer.Option("--mqtt-port", help="MQTT port, 0 = pick a free one.")]

@@ -40,7 +40,7 @@ def query(
     elif format == "csv":
         import csv
 
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")  # Unix lines: `tail -1` gives the value
         writer.writerow(result.columns)
         writer.writerows(result.rows)
     else:

@@ -21,7 +21,7 @@
           +-- Forbidden     known credentials that may not do this                   403
           |                 (also a ``PermissionError``, which answers 403 too)
           +-- QueryError    SQL that cannot run, or is not allowed to                400
-          +-- PortInUse     a port we were asked to bind is taken                    400
+          +-- PortInUse     ports we were asked to bind are taken, named at once     400
 
 Anything else that escapes a route is a 500: a bug.
 """
