@@ -5,8 +5,8 @@
 >>> client.query("SELECT device_id, avg(pressure) FROM pump GROUP BY 1")   # doctest: +SKIP
 
 ``query`` gives timestamps (``ts``, ``received_at``, ``date_trunc(...)``) as UTC datetimes: the API
-sends them as RFC 3339 text ending in ``Z``, and a column whose every value has that form is
-parsed back.
+sends each column's type beside the rows, and timestamp columns (RFC 3339 text ending in ``Z``)
+are parsed back.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class Client:
         if not columns:
             return pl.DataFrame()
         frame = pl.DataFrame({c: [row[i] for row in body["rows"]] for i, c in enumerate(columns)}, strict=False)
-        timestamps = [c for c in frame.columns if _is_timestamp_text(frame[c])]
+        types = body.get("types") or []
+        timestamps = [c for c, t in zip(columns, types) if t.startswith("timestamp") and frame[c].dtype == pl.String]
         return frame.with_columns(
             pl.col(c).str.to_datetime(format="%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us", time_zone="UTC")
             for c in timestamps
@@ -84,13 +85,3 @@ class Client:
                        headers={"Authorization": f"Bearer {token}"})
         return int(r["accepted"])
 
-
-_RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
-"""How the API writes a timestamp (``query.sql``: UTC, ISO 8601, ``Z``)."""
-
-
-def _is_timestamp_text(column: Any) -> bool:
-    import polars as pl
-
-    values = column.drop_nulls()
-    return column.dtype == pl.String and len(values) > 0 and bool(values.str.contains(_RFC3339_UTC).all())

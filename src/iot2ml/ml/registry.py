@@ -59,6 +59,9 @@ class Registry:
     def __init__(self, tracking_uri: str, *, artifact_root: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+        # MLflow 3 reports usage to config.mlflow-telemetry.io unless told not to: a platform that runs
+        # on a user's machine does not phone home on their behalf (set it to "false" to opt in).
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import warnings
 
         warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")

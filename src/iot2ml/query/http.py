@@ -21,6 +21,8 @@ class QueryRequest(BaseModel):
 
 class QueryResponse(BaseModel):
     columns: list[str]
+    types: list[str] = Field(default_factory=list, description="Arrow type of each column, e.g. "
+                             "timestamp[us, tz=UTC] (sent as RFC 3339 text), double, string.")
     rows: list[list[Any]]
     truncated: bool = False
 
@@ -42,8 +44,7 @@ Deps = Annotated[QueryHTTP, needs(QueryHTTP)]
              responses={400: {"description": "SQL that cannot run or is not allowed: the reason says why"}})
 async def post_query(req: QueryRequest, _who: Reader, deps: Deps) -> Response:
     result = await asyncio.to_thread(run_query, deps.lake, req.sql, timeout=deps.timeout, max_rows=deps.max_rows)
-    payload = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
-    return Response(orjson.dumps(payload, default=str, option=orjson.OPT_SERIALIZE_NUMPY),
+    return Response(orjson.dumps(result.to_dict(), default=str, option=orjson.OPT_SERIALIZE_NUMPY),
                     media_type="application/json")
 
 

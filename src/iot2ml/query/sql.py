@@ -64,9 +64,14 @@ class QueryResult:
 
         return pl.from_arrow(self._table)
 
+    @property
+    def types(self) -> list[str]:
+        """Each column's Arrow type, e.g. ``timestamp[us, tz=UTC]``, ``double``, ``string``."""
+        return [str(f.type) for f in self._table.schema]
+
     def to_dict(self) -> dict[str, Any]:
-        """``{"columns": ..., "rows": ..., "truncated": ...}``, as an HTTP API returns it."""
-        return {"columns": self.columns, "rows": self.rows, "truncated": self.truncated}
+        """``{"columns", "types", "rows", "truncated"}``, as the HTTP API returns it."""
+        return {"columns": self.columns, "types": self.types, "rows": self.rows, "truncated": self.truncated}
 
 
 def run_query(
