@@ -8,6 +8,7 @@
 ``auth.http``              ``/api/v1/devices``, ``POST /api/v1/keys``
 ``ml.http``                ``POST /api/v1/train``, ``GET /api/v1/models``, ``POST /api/v1/labels``
 ``serve.http``             ``/api/v1/deployments`` (changes wait for the serving processes)
+``monitor.http``           ``/api/v1/notifiers`` (add, list, remove, test)
 ``core.http``              who is calling, the status of each error, ``GET /metrics``
 =========================  ==========================================================================
 
@@ -39,6 +40,9 @@ from ..ingest.http import router as telemetry_router
 from ..lake import Lake
 from ..ml.http import MLHTTP
 from ..ml.http import router as ml_router
+from ..monitor.http import NotifiersHTTP
+from ..monitor.http import router as notifiers_router
+from ..monitor.store import Notifiers
 from ..query.http import QueryHTTP
 from ..query.http import router as query_router
 from ..serve.deployments import Deployments
@@ -143,8 +147,10 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     provide(app, MLHTTP(workbench))
     provide(app, DeploymentsControl(Deployments(catalog), guard.devices, lambda: workbench().registry,
                                     settings.data_dir, runtime=runtime, component="api"))
+    provide(app, NotifiersHTTP(Notifiers(catalog)))
     # The predict route first: the route most requests take is matched first.
-    for router in (predict_router, telemetry_router, query_router, auth_router, ml_router, deployments_router):
+    for router in (predict_router, telemetry_router, query_router, auth_router, ml_router, deployments_router,
+                   notifiers_router):
         app.include_router(router)
     add_metrics_route(app)
 
