@@ -7,9 +7,9 @@ the options every component shares. A component is ready once it has written its
 component is one ``Component(...)`` row plus its runner.
 
 >>> [c.name for c in COMPONENTS]
-['broker', 'ingest', 'api', 'scheduler', 'serve']
+['broker', 'ingest', 'api', 'scheduler', 'serve', 'monitor']
 >>> [[c.name for c in stage] for stage in start_stages()]
-[['broker'], ['ingest', 'api', 'scheduler', 'serve']]
+[['broker'], ['ingest', 'api', 'scheduler', 'serve', 'monitor']]
 """
 
 from __future__ import annotations
@@ -229,9 +229,34 @@ def run_scheduler_component(settings: Settings) -> None:
     run(settings)
 
 
-# The ingest and the broker stop gracefully when ``up`` dies (flush, stop nats-server); the API and
-# the scheduler hold nothing unacknowledged, and a graceful uvicorn shutdown can wait on a broker
-# that is gone: they are killed outright.
+def run_monitor_component(settings: Settings) -> None:
+    """The alert monitor: evaluates the alert rules over the lake and notifies, until SIGTERM/SIGINT."""
+    import threading
+
+    from .core.catalog import Catalog
+    from .lake import Lake
+    from .monitor.service import Monitor
+    from .monitor.store import AlertRules, Notifiers
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    catalog = Catalog(settings.catalog)
+    try:
+        monitor = Monitor(settings, Lake(settings.lake, settings.lake_storage_options), AlertRules(catalog),
+                          Notifiers(catalog))
+        write_run_info(settings.data_dir, "monitor", {"lake": settings.lake})
+        try:
+            monitor.run(stop)
+        finally:
+            clear_run_info(settings.data_dir, "monitor")
+    finally:
+        catalog.close()
+
+
+# The ingest, the broker and the monitor stop gracefully when ``up`` dies (flush, stop nats-server,
+# deliver queued notifications); the API and the scheduler hold nothing unacknowledged, and a graceful
+# uvicorn shutdown can wait on a broker that is gone: they are killed outright.
 COMPONENTS: tuple[Component, ...] = (
     Component(
         "broker", "Run only the embedded broker (NATS with MQTT and JetStream).",
@@ -263,5 +288,9 @@ COMPONENTS: tuple[Component, ...] = (
         endpoints=(Endpoint("serve", "predict", "http://{host}:{serve_port}",
                             "/api/v1/models/<name>/predict after 'iot2ml deploy <name>'"),),
         switches=(Switch("no_broker", "--no-broker", "REST only: no MQTT requests, no streaming."),),
+    ),
+    Component(
+        "monitor", "Run only the alert monitor: evaluates the alert rules over the lake and notifies.",
+        run_monitor_component, stage=1, death_signal=signal.SIGTERM,
     ),
 )

@@ -8,7 +8,8 @@
 ``auth.http``              ``/api/v1/devices``, ``POST /api/v1/keys``
 ``ml.http``                ``POST /api/v1/train``, ``GET /api/v1/models``, ``POST /api/v1/labels``
 ``serve.http``             ``/api/v1/deployments`` (changes wait for the serving processes)
-``monitor.http``           ``/api/v1/notifiers`` (add, list, remove, test)
+``monitor.http``           ``/api/v1/notifiers`` (add, list, remove, test), ``/api/v1/alerts`` (rules, history,
+                           ack, silence)
 ``core.http``              who is calling, the status of each error, ``GET /metrics``
 =========================  ==========================================================================
 
@@ -40,9 +41,9 @@ from ..ingest.http import router as telemetry_router
 from ..lake import Lake
 from ..ml.http import MLHTTP
 from ..ml.http import router as ml_router
-from ..monitor.http import NotifiersHTTP
+from ..monitor.http import AlertsHTTP, NotifiersHTTP
 from ..monitor.http import router as notifiers_router
-from ..monitor.store import Notifiers
+from ..monitor.store import AlertRules, Notifiers
 from ..query.http import QueryHTTP
 from ..query.http import router as query_router
 from ..serve.deployments import Deployments
@@ -148,6 +149,7 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     provide(app, DeploymentsControl(Deployments(catalog), guard.devices, lambda: workbench().registry,
                                     settings.data_dir, runtime=runtime, component="api"))
     provide(app, NotifiersHTTP(Notifiers(catalog)))
+    provide(app, AlertsHTTP(AlertRules(catalog), lake))
     # The predict route first: the route most requests take is matched first.
     for router in (predict_router, telemetry_router, query_router, auth_router, ml_router, deployments_router,
                    notifiers_router):

@@ -1,4 +1,4 @@
-"""Notifiers: where alerts go (an Alertmanager webhook, Slack, e-mail, any Apprise URL)."""
+"""Notifiers (where alerts go: an Alertmanager webhook, Slack, e-mail, any Apprise URL) and alert rules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from ..core.errors import InvalidInput
-from ._common import AsJson, CatalogUrl, DataDir, _catalog, _fail, _run, app, console
+from ._common import (
+    AsJson,
+    CatalogUrl,
+    DataDir,
+    _catalog,
+    _fail,
+    _run,
+    _settings,
+    app,
+    console,
+)
 
 notifiers_app = typer.Typer(no_args_is_help=True, help="Where alerts go: add, list, test and remove notifiers.")
 app.add_typer(notifiers_app, name="notifiers")
@@ -90,3 +100,135 @@ def notifiers_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUr
     """Remove a notifier (its delivery log stays)."""
     _run(_notifiers(data_dir, catalog_url).remove, name)
     console.print(f"notifier {name} removed")
+
+
+# ------------------------------------------------------------------------------------------- alerts
+
+alerts_app = typer.Typer(no_args_is_help=True, help="Alert rules over the lake: add, list, history, ack, silence, remove.")
+app.add_typer(alerts_app, name="alerts")
+
+
+def _alert_rules(data_dir, catalog_url):
+    from ..monitor.store import AlertRules
+
+    settings, catalog = _catalog(data_dir, catalog_url)
+    return settings, _run(AlertRules, catalog)
+
+
+def _lake(settings):
+    from ..lake import Lake
+
+    return _run(Lake, settings.lake, settings.lake_storage_options)
+
+
+def _seconds(flag: str, text: str) -> float:
+    from ..core.timeutil import parse_duration
+
+    try:
+        return parse_duration(text)
+    except InvalidInput as err:
+        _fail(InvalidInput(f"{flag}: {err}"))
+        raise
+
+
+@alerts_app.command("add")
+def alerts_add(
+    name: str,
+    table: Annotated[str, typer.Option(help="The lake table to watch (a device type's table).")],
+    when: Annotated[str, typer.Option(help="One aggregate compared with a number, e.g. 'max(pressure) > 5'.")],
+    by: Annotated[list[str] | None, typer.Option(help="A column whose values are separate alerts (repeatable).")] = None,
+    window: Annotated[str, typer.Option(help="The sliding window the aggregate covers, e.g. 1m.")] = "1m",
+    for_: Annotated[str, typer.Option("--for", help="How long the condition must hold before firing, e.g. 30s.")] = "0s",
+    every: Annotated[str, typer.Option(help="How often the rule is evaluated, e.g. 10s.")] = "1m",
+    severity: Annotated[str, typer.Option(help="critical, warning, info... (a label of the alert).")] = "warning",
+    notify: Annotated[list[str] | None, typer.Option(help="A notifier to send to (repeatable); see 'iot2ml notifiers list'.")] = None,
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Add an alert rule, checked against the table's columns; the monitor picks it up within a second."""
+    from ..monitor.service import define_rule
+
+    settings, rules = _alert_rules(data_dir, catalog_url)
+    record = _run(define_rule, _lake(settings), name, table=table, when=when, by=tuple(by or ()),
+                  window=_seconds("--window", window), for_=_seconds("--for", for_), every=_seconds("--every", every),
+                  severity=severity, notify=tuple(notify or ()))
+    _run(rules.add, record)
+    console.print(f"alert rule [bold]{name}[/]: {when} over {table} ({window} window, every {every})")
+
+
+@alerts_app.command("list")
+def alerts_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List the alert rules and their firing alerts (with the ids 'alerts ack' takes)."""
+    from ..monitor.store import firing_ids
+
+    _, rules = _alert_rules(data_dir, catalog_url)
+    firing = firing_ids(_run(rules.load_state))
+    out = []
+    for r in _run(rules.list):
+        alerts = [{"id": fp, **{k: v for k, v in a.items() if k != "rule"}} for fp, a in firing.items()
+                  if a["rule"] == r.name]
+        out.append({**r.to_dict(), "alerts": alerts})
+    if as_json:
+        print(json.dumps(out))
+        return
+    from rich.table import Table
+
+    table = Table("name", "table", "when", "by", "severity", "notify", "firing")
+    for r in out:
+        shown = "\n".join(f"{a['id']} {a['state']} {json.dumps(a['labels'])}" for a in r["alerts"])
+        table.add_row(r["name"], r["table"], r["when"], ",".join(r["by"]), r["severity"], ",".join(r["notify"]), shown)
+    console.print(table)
+
+
+@alerts_app.command("history")
+def alerts_history(
+    rule: Annotated[str | None, typer.Option(help="Only this rule's changes.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 100,
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """The state changes of alerts, newest first (the lake table 'alerts')."""
+    from ..monitor.service import history
+
+    settings = _run(_settings, data_dir=data_dir, catalog_url=catalog_url)
+    rows = _run(history, _lake(settings), rule=rule, limit=limit)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table("at", "rule", "state", "labels", "value")
+    for r in rows:
+        table.add_row(r["at"], r["rule"], r["state"], json.dumps(r["labels"]), "" if r["value"] is None else repr(r["value"]))
+    console.print(table)
+
+
+@alerts_app.command("ack")
+def alerts_ack(id: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Stop repeats of the firing alert ID until it resolves or fires again (applied by the monitor)."""
+    _, rules = _alert_rules(data_dir, catalog_url)
+    _run(rules.ack, id)
+    console.print(f"alert {id} acknowledged: the monitor applies it within a second")
+
+
+@alerts_app.command("silence")
+def alerts_silence(
+    name: str,
+    for_: Annotated[str, typer.Option("--for", help="How long, e.g. 1h.")] = "1h",
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Keep rule NAME's alerts out of notifications for a while (states and history go on)."""
+    import time
+
+    _, rules = _alert_rules(data_dir, catalog_url)
+    seconds = _seconds("--for", for_)
+    if seconds <= 0:
+        _fail(InvalidInput(f"--for {for_!r} must be > 0, e.g. 1h"))
+    _run(rules.silence, name, time.time() + seconds)
+    console.print(f"alert rule {name} silenced for {for_}")
+
+
+@alerts_app.command("remove")
+def alerts_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Remove an alert rule (its firing alerts resolve; its history stays)."""
+    _, rules = _alert_rules(data_dir, catalog_url)
+    _run(rules.remove, name)
+    console.print(f"alert rule {name} removed")

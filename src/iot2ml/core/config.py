@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     serve_log_predictions: bool = Field(True, description="Write every answer to the prediction_log table.")
     platform_wait: float = Field(30.0, ge=0, description="Seconds a command that needs the running platform "
                                  "(simulate) waits for one that is starting.")
+    monitor_group_wait: float = Field(30.0, ge=0, description="Seconds a new alert group waits before its first "
+                                      "notification (Alertmanager's group_wait).")
+    monitor_group_interval: float = Field(300.0, gt=0, description="Seconds between notifications about changes "
+                                          "of a notified alert group (Alertmanager's group_interval).")
+    monitor_repeat_interval: float = Field(4 * 3600.0, ge=0, description="Seconds before an unchanged firing "
+                                           "group is notified again (Alertmanager's repeat_interval).")
     query_timeout: float = Field(30.0, gt=0, description="Seconds a SQL query may run.")
     query_max_rows: int = Field(100_000, gt=0, description="Most rows a SQL query returns.")
 

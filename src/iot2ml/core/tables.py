@@ -7,6 +7,7 @@ Built-in tables (their names are reserved: no device type may take one):
 - ``labels`` (``LABELS_SCHEMA``): what people say about entities (CSV import, the API).
 - ``predictions`` (``PREDICTIONS_SCHEMA``): batch scoring and streaming deployments.
 - ``prediction_log`` (``PREDICTION_LOG_SCHEMA``): every instance the serving runtime answered.
+- ``alerts`` (``ALERTS_SCHEMA``): every state change of an alert instance (the monitor writes it).
 
 One table per device type holds its readings: the ``BASE_FIELDS`` first, then one column per field.
 
@@ -24,15 +25,16 @@ DEAD_LETTERS = "dead_letters"
 LABELS = "labels"
 PREDICTIONS = "predictions"
 PREDICTION_LOG = "prediction_log"
+ALERTS = "alerts"
 
-BUILT_IN = (RAW, DEAD_LETTERS, LABELS, PREDICTIONS, PREDICTION_LOG)
+BUILT_IN = (RAW, DEAD_LETTERS, LABELS, PREDICTIONS, PREDICTION_LOG, ALERTS)
 """The tables above, in that order."""
 
 BASE_COLUMNS = ("device_id", "ts", "received_at", "msg_id", "_seq")
 """The first columns of every device type's table (``BASE_FIELDS`` without the types)."""
 
 __all__ = [
-    "BASE_COLUMNS", "BASE_FIELDS", "BUILT_IN", "DEAD_LETTERS", "DEAD_LETTERS_SCHEMA", "LABELS", "LABELS_SCHEMA",
+    "ALERTS", "ALERTS_SCHEMA", "BASE_COLUMNS", "BASE_FIELDS", "BUILT_IN", "DEAD_LETTERS", "DEAD_LETTERS_SCHEMA", "LABELS", "LABELS_SCHEMA",
     "PREDICTIONS", "PREDICTIONS_SCHEMA", "PREDICTION_LOG", "PREDICTION_LOG_SCHEMA", "RAW", "RAW_SCHEMA",
 ]
 
@@ -72,11 +74,16 @@ def _schemas() -> dict[str, Any]:
             ("latency_ms", pa.float64()), ("inputs_hash", pa.string()), ("prediction", pa.string()),
             ("ok", pa.bool_()), ("error", pa.string()),
         ]),
+        # ``labels``: the instance's labels as a JSON object; ``value``: the aggregate (null for NoData/Error).
+        "ALERTS_SCHEMA": pa.schema([
+            ("rule", pa.string()), ("state", pa.string()), ("labels", pa.string()), ("value", pa.float64()),
+            ("at", ts), ("fingerprint", pa.string()), ("severity", pa.string()),
+        ]),
     }
 
 
 _LAZY = frozenset({"BASE_FIELDS", "RAW_SCHEMA", "DEAD_LETTERS_SCHEMA", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA",
-                   "PREDICTION_LOG_SCHEMA"})
+                   "PREDICTION_LOG_SCHEMA", "ALERTS_SCHEMA"})
 
 
 def __getattr__(name: str) -> Any:

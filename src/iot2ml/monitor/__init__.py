@@ -4,7 +4,8 @@
   ``send(notification) -> Delivery``, and ``make_notifier``;
 - ``dispatch.py``: background delivery with retries and backoff, every attempt logged;
 - ``store.py``: the notifiers and the delivery log, in the catalog;
-- ``checks.py``: the contract every notifier passes; ``http.py``: ``/api/v1/notifiers``.
+- ``checks.py``: the contract every notifier passes; ``http.py``: ``/api/v1/notifiers``, ``/api/v1/alerts``;
+- ``service.py``: the ``monitor`` component's loop (rules -> ``alerts`` table -> notifications).
 
 Drift and data-quality profiles (``drift.py``, ``profile.py``) and alert rules (``rules.py``) join
 them. Importing this package loads no driver: httpx, smtplib and apprise load when a notifier is

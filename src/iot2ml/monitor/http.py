@@ -1,19 +1,25 @@
-"""Notifiers over HTTP: ``/api/v1/notifiers`` (list with any API key; add, remove, test with an admin key)."""
+"""Monitoring over HTTP: ``/api/v1/notifiers`` and ``/api/v1/alerts`` (reads with any API key; changes with an
+admin key)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from ..core.errors import InvalidInput
 from ..core.http import Admin, Reader, json_response, needs
+from ..core.storage import TableStore
+from ..core.timeutil import parse_duration
 from .dispatch import deliver
 from .notifiers import test_notification
-from .store import Notifiers
+from .service import define_rule, history
+from .store import AlertRules, Notifiers, firing_ids
 
 
 class NotifierRequest(BaseModel):
@@ -62,3 +68,86 @@ async def test_notifier(name: str, _who: Admin, deps: Deps) -> Response:
     notifier = await asyncio.to_thread(deps.notifiers.notifier, name)
     delivery = await asyncio.to_thread(deliver, notifier, test_notification(), record=deps.notifiers.record)
     return json_response(delivery.to_dict())  # a receiver that is down is an answer, not an error of ours
+
+
+# ------------------------------------------------------------------------------------------- alerts
+
+class AlertRuleRequest(BaseModel):
+    name: str = Field(..., examples=["high-pressure"])
+    table: str = Field(..., examples=["pump"])
+    when: str = Field(..., examples=["max(pressure) > 5"])
+    by: list[str] = Field(default_factory=list, examples=[["device_id"]])
+    window: str = Field("1m", description="Duration: 90s, 1m, 1h", examples=["1m"])
+    for_: str = Field("0s", alias="for", description="Duration the condition holds before firing", examples=["30s"])
+    every: str = Field("1m", description="Evaluation interval", examples=["10s"])
+    severity: str = Field("warning", examples=["critical"])
+    notify: list[str] = Field(default_factory=list, examples=[["ops"]])
+
+
+class SilenceRequest(BaseModel):
+    for_: str = Field("1h", alias="for", description="How long, e.g. 1h", examples=["1h"])
+
+
+@dataclass
+class AlertsHTTP:
+    """What the alert routes need: the rules store and the lake (for the schemas and the history)."""
+
+    rules: AlertRules
+    lake: TableStore
+
+
+AlertDeps = Annotated[AlertsHTTP, needs(AlertsHTTP)]
+
+
+def _listed(rules: AlertRules) -> list[dict[str, Any]]:
+    firing = firing_ids(rules.load_state())
+    return [{**r.to_dict(), "alerts": [{"id": fp, **{k: v for k, v in a.items() if k != "rule"}}
+                                       for fp, a in firing.items() if a["rule"] == r.name]} for r in rules.list()]
+
+
+@router.get("/api/v1/alerts", summary="Alert rules and their firing alerts")
+async def get_alerts(_who: Reader, deps: AlertDeps) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(_listed, deps.rules)
+
+
+@router.post("/api/v1/alerts", status_code=201, summary="Add an alert rule",
+             responses={409: {"description": "A rule of that name exists"},
+                        422: {"description": "A condition, table, column, duration or notifier that does not fit"}})
+async def post_alert(req: AlertRuleRequest, _who: Admin, deps: AlertDeps) -> dict[str, Any]:
+    def add() -> dict[str, Any]:
+        record = define_rule(deps.lake, req.name, table=req.table, when=req.when, by=tuple(req.by),
+                             window=parse_duration(req.window), for_=parse_duration(req.for_),
+                             every=parse_duration(req.every), severity=req.severity, notify=tuple(req.notify))
+        return deps.rules.add(record).to_dict()
+
+    return await asyncio.to_thread(add)
+
+
+@router.get("/api/v1/alerts/history", summary="State changes of alerts, newest first")
+async def get_alert_history(_who: Reader, deps: AlertDeps, rule: str | None = None,
+                            limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(history, deps.lake, rule=rule, limit=limit)
+
+
+@router.delete("/api/v1/alerts/{name}", status_code=204, summary="Remove an alert rule",
+               responses={404: {"description": "No rule of that name"}})
+async def delete_alert(name: str, _who: Admin, deps: AlertDeps) -> Response:
+    await asyncio.to_thread(deps.rules.remove, name)
+    return Response(status_code=204)
+
+
+@router.post("/api/v1/alerts/{id}/ack", status_code=202, summary="Acknowledge a firing alert (by its id)",
+             responses={404: {"description": "No firing alert of that id"}})
+async def ack_alert(id: str, _who: Admin, deps: AlertDeps) -> dict[str, Any]:
+    cmd = await asyncio.to_thread(deps.rules.ack, id)
+    return {"id": id, "request": cmd.id}
+
+
+@router.post("/api/v1/alerts/{name}/silence", status_code=202, summary="Silence a rule's notifications for a while",
+             responses={404: {"description": "No rule of that name"}})
+async def silence_alert(name: str, _who: Admin, deps: AlertDeps, req: SilenceRequest | None = None) -> dict[str, Any]:
+    seconds = parse_duration((req or SilenceRequest()).for_)
+    if seconds <= 0:
+        raise InvalidInput(f"for {seconds!r} must be > 0, e.g. 1h")
+    cmd = await asyncio.to_thread(deps.rules.silence, name, time.time() + seconds)
+    return {"name": name, "until": cmd.until, "request": cmd.id}

@@ -1,0 +1,226 @@
+"""The monitor: evaluates the stored alert rules over the lake, records every state change, notifies.
+
+Every ``tick`` seconds (1 s) :meth:`Monitor.tick`:
+
+1. reloads the rules from the catalog when they changed (a removed rule resolves its alerts);
+2. applies the queued ``ack`` / ``silence`` requests (``AlertRules.ack`` / ``silence``);
+3. runs, in threads, the :class:`~iot2ml.monitor.evaluate.WindowEvaluator` of each rule due by its
+   ``--every``, then feeds the results to the :class:`~iot2ml.monitor.grouping.AlertEngine`;
+4. appends the state changes to the lake table ``alerts`` in one commit marked
+   ``(iot2ml-monitor, evaluation counter)``: a counter already committed (a crash after the append,
+   before the snapshot) is not appended again;
+5. hands the notifications that are due to the :class:`~iot2ml.monitor.dispatch.Dispatcher`, one
+   per notifier named by the rule's ``--notify`` (one ``Route`` per notifier, timings from settings);
+6. stores the engine snapshot and the counter, and drops the requests it applied, in one transaction.
+
+On start the snapshot is restored, so a restart neither re-sends a notification nor loses one.
+Requests go through the catalog rather than a load-modify-store of the snapshot by the CLI: the
+running monitor owns the snapshot and would overwrite such an edit with its next store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from ..core.errors import InvalidInput, Iot2mlError, NotFound
+from ..core.storage import TableStore
+from ..core.tables import ALERTS
+from .dispatch import Dispatcher
+from .evaluate import WindowEvaluator, compile_rule
+from .grouping import AlertEngine, Route, Silence
+from .rules import EvalError, Result, Rule, StateChange
+from .store import AlertRules, Notifiers, RuleRecord
+
+__all__ = ["APP_ID", "Monitor", "define_rule", "history"]
+
+log = logging.getLogger("iot2ml.monitor")
+
+APP_ID = "iot2ml-monitor"
+"""The Delta transaction mark of the ``alerts`` appends."""
+
+
+def define_rule(lake: TableStore, name: str, *, table: str, when: str, by: tuple[str, ...] = (),
+                window: float = 60.0, for_: float = 0.0, every: float = 60.0, severity: str = "warning",
+                notify: tuple[str, ...] = ()) -> RuleRecord:
+    """A rule checked against the lake table's schema (``InvalidInput`` with the reason); not stored."""
+    Rule(name=name, severity=severity, for_seconds=for_, every_seconds=every, by=by, notify=notify)
+    if not severity or any(c.isspace() for c in severity):
+        raise InvalidInput(f"--severity {severity!r} is empty or has spaces: use e.g. critical, warning, info")
+    compile_rule(table, when, by, window, schema=lake.schema(table))
+    return RuleRecord(name, table, when, tuple(by), float(window), float(for_), float(every), severity,
+                      tuple(notify), datetime.now(UTC))
+
+
+def history(lake: TableStore, *, rule: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    """The ``alerts`` rows, newest first: ``{"rule", "state", "labels" (object), "value", "at"}``."""
+    if lake.schema(ALERTS) is None:
+        return []
+    import pyarrow.compute as pc
+
+    data = lake.dataset(ALERTS).to_table(filter=None if rule is None else pc.field("rule") == rule,
+                                         columns=["rule", "state", "labels", "value", "at"])
+    rows = data.to_pylist()
+    rows.sort(key=lambda r: r["at"], reverse=True)
+    out = []
+    for r in rows[:limit]:
+        at = r["at"] if r["at"].tzinfo else r["at"].replace(tzinfo=UTC)
+        out.append({"rule": r["rule"], "state": r["state"], "labels": json.loads(r["labels"]), "value": r["value"],
+                    "at": at.astimezone(UTC).isoformat().replace("+00:00", "Z")})
+    return out
+
+
+class _Loaded:
+    """A stored rule as the monitor runs it: its evaluator (or why it cannot run) and its next time."""
+
+    def __init__(self, record: RuleRecord, lake: TableStore) -> None:
+        self.record = record
+        self.rule = Rule(name=record.name, severity=record.severity, for_seconds=record.for_,
+                         every_seconds=record.every, by=record.by, notify=record.notify,
+                         annotations={"when": record.when, "table": record.table})
+        self.next_at = 0.0
+        self.evaluator: WindowEvaluator | None = None
+        self.error: str | None = None
+        try:
+            compiled = compile_rule(record.table, record.when, record.by, record.window,
+                                    schema=lake.schema(record.table))
+            self.evaluator = WindowEvaluator(lake, compiled)
+        except Iot2mlError as err:  # the table went away or changed since `alerts add`
+            self.error = str(err)
+
+    def evaluate(self, now: float) -> Result:
+        if self.evaluator is None:
+            return EvalError(self.error or "the rule cannot be evaluated")
+        return self.evaluator.evaluate(now)
+
+
+class Monitor:
+    """The alerting loop over ``lake`` with its state in ``rules`` (an ``AlertRules``)."""
+
+    def __init__(self, settings: Any, lake: TableStore, rules: AlertRules, notifiers: Notifiers, *,
+                 clock: Callable[[], float] = time.time, tick: float = 1.0) -> None:
+        self.settings, self.lake, self.rules, self.notifiers = settings, lake, rules, notifiers
+        self.clock, self.tick_seconds = clock, tick
+        self.engine = AlertEngine()
+        self.loaded: dict[str, _Loaded] = {}
+        self.evaluations = 0
+        self.dispatcher = Dispatcher(notifiers)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="iot2ml-alert-eval")
+
+    def _route(self, receiver: str) -> Route:
+        s = self.settings
+        return Route(receiver, group_wait=s.monitor_group_wait, group_interval=s.monitor_group_interval,
+                     repeat_interval=s.monitor_repeat_interval)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the rules and restore the stored state."""
+        self._reload(self.clock())
+        state = self.rules.load_state()
+        if state is not None:
+            self.engine.restore(state["engine"])
+            self.evaluations = int(state.get("evaluations", 0))
+        self.dispatcher.start()
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick every second until ``stop`` is set; then deliver what is queued and stop."""
+        self.start()
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.tick()
+                except Iot2mlError as err:  # the catalog or the lake is away: try again next tick
+                    log.warning("monitor tick failed: %s", err)
+                stop.wait(max(0.0, self.tick_seconds - (time.monotonic() - started)))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.dispatcher.stop()
+        self._pool.shutdown(wait=True)
+
+    # -- one tick ------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.clock()
+        changes = self._reload(now)
+        applied = self._apply_commands(now)
+        due = [loaded for loaded in self.loaded.values() if loaded.next_at <= now]
+        results = list(self._pool.map(lambda item: item.evaluate(now), due))
+        for loaded, result in zip(due, results):
+            changes += self.engine.evaluate(loaded.rule.name, result, now)
+            loaded.next_at = now + loaded.rule.every_seconds
+        if changes:
+            self.evaluations += 1
+            self._append(changes)
+        for note in self.engine.due(now):
+            self._send(note)
+        self.rules.save_state({"engine": self.engine.snapshot(), "evaluations": self.evaluations}, applied=applied)
+
+    def _reload(self, now: float) -> list[StateChange]:
+        """Follow the stored rules: a removed or redefined rule resolves its alerts (rows returned)."""
+        records = {r.name: r for r in self.rules.list()}
+        changes: list[StateChange] = []
+        for name in list(self.loaded):
+            record = records.get(name)
+            if record is None or record != self.loaded[name].record:
+                changes += self.engine.remove(name, now)
+                del self.loaded[name]
+        for name, record in records.items():
+            if name not in self.loaded:
+                loaded = self.loaded[name] = _Loaded(record, self.lake)
+                self.engine.add(loaded.rule)
+                for receiver in loaded.rule.notify:
+                    self.engine.grouper.routes.setdefault(receiver, self._route(receiver))
+        return changes
+
+    def _apply_commands(self, now: float) -> list[int]:
+        applied = []
+        for cmd in self.rules.commands():
+            try:
+                if cmd.kind == "ack":
+                    self.engine.ack(cmd.target)
+                elif cmd.kind == "silence":
+                    self.engine.silence(Silence(id=f"silence-{cmd.id}", matchers={"alertname": cmd.target},
+                                                ends_at=float(cmd.until or now), starts_at=cmd.created_at.timestamp()))
+                else:
+                    log.warning("unknown monitor request %r: ignored", cmd.kind)
+            except NotFound as err:  # resolved between the request and now
+                log.info("monitor request %s %s: %s", cmd.kind, cmd.target, err)
+            applied.append(cmd.id)
+        return applied
+
+    def _append(self, changes: list[StateChange]) -> None:
+        import pyarrow as pa
+
+        from ..core.tables import ALERTS_SCHEMA
+
+        done = self.lake.txn_version(ALERTS, APP_ID) if self.lake.schema(ALERTS) is not None else None
+        if done is not None and done >= self.evaluations:
+            log.info("alerts of evaluation %d are in the lake already: not appended again", self.evaluations)
+            return
+        rows = [c.to_row() for c in changes]
+        table = pa.table({
+            "rule": [r["rule"] for r in rows], "state": [r["state"] for r in rows],
+            "labels": [json.dumps(r["labels"], sort_keys=True) for r in rows],
+            "value": [r["value"] for r in rows],
+            "at": [round(c.at * 1_000_000) for c in changes],
+            "fingerprint": [r["fingerprint"] for r in rows], "severity": [r["severity"] for r in rows],
+        }, schema=pa.schema([f if f.name != "at" else pa.field("at", pa.int64()) for f in ALERTS_SCHEMA]))
+        table = table.set_column(4, "at", table.column("at").cast(ALERTS_SCHEMA.field("at").type))
+        self.lake.append(ALERTS, table, app_id=APP_ID, version=self.evaluations)
+
+    def _send(self, note: Any) -> None:
+        try:
+            notifier = self.notifiers.notifier(note.receiver)
+        except NotFound:
+            log.warning("notification %s: notifier %r does not exist any more: not sent", note.group_key,
+                        note.receiver)
+            return
+        self.dispatcher.submit(note, to=[notifier])
