@@ -35,3 +35,28 @@ def test_a_message_refused_with_several_reasons_lists_them():
 def test_bearer():
     assert bearer("Bearer abc ") == "abc" and bearer("bearer abc") == "abc"
     assert bearer("Basic abc") is None and bearer(None) is None and bearer("Bearer  ") is None
+
+
+def test_unknown_query_parameters_are_refused_with_the_ones_the_route_takes():
+    from typing import Annotated
+
+    from fastapi import Depends, FastAPI, Query
+    from fastapi.testclient import TestClient
+
+    from iot2ml.core.http import install_error_handlers, known_query_only
+
+    def paging(offset: int = 0) -> int:
+        return offset
+
+    app = FastAPI(dependencies=[Depends(known_query_only)])
+    install_error_handlers(app)
+
+    @app.get("/items")
+    async def items(start: Annotated[int, Depends(paging)], limit: Annotated[int, Query()] = 10) -> dict:
+        return {"start": start, "limit": limit}
+
+    client = TestClient(app)
+    assert client.get("/items?limit=5&offset=2").json() == {"start": 2, "limit": 5}  # a dependency's too
+    refused = client.get("/items?limt=5")
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == "unknown query parameter 'limt': this route takes limit, offset"

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from ..auth import Guard
 from ..auth.http import AuthHTTP
@@ -34,7 +34,7 @@ from ..auth.http import router as auth_router
 from ..core.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import BrokerUnavailable
-from ..core.http import Credentials, add_metrics_route, install_error_handlers, provide
+from ..core.http import Credentials, add_metrics_route, install_error_handlers, known_query_only, provide
 from ..core.runtime import control_token
 from ..ingest.http import Schemas, TelemetryHTTP
 from ..ingest.http import router as telemetry_router
@@ -138,6 +138,7 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
         description="Telemetry in, SQL out, predictions. Devices authenticate with their token, people and "
                     "scripts with API keys.",
         lifespan=lifespan,
+        dependencies=[Depends(known_query_only)],
     )
     install_error_handlers(app)
     provide(app, guard, as_type=Credentials)

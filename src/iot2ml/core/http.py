@@ -82,6 +82,28 @@ def error_response(err: BaseException) -> Response:
     return json_response({"detail": error_detail(err)}, http_status(err))
 
 
+async def known_query_only(request: Request) -> None:
+    """Refuse query parameters the route does not declare (a typo such as ``?limt=5`` would else be
+    ignored silently): ``InvalidInput`` (422) naming the parameter and those the route takes. Install
+    app-wide: ``FastAPI(dependencies=[Depends(known_query_only)])``."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    pending = [dependant]
+    while pending:  # the route's own parameters and those of its dependencies
+        current = pending.pop()
+        known.update(p.alias for p in current.query_params)
+        pending.extend(current.dependencies)
+    unknown = [k for k in request.query_params if k not in known]
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise InvalidInput(f"unknown query parameter {unknown[0]!r}: this route takes {takes}")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every ``Iot2mlError`` and ``PermissionError`` a route raises with its status and ``detail``."""
 
