@@ -60,3 +60,5 @@ def test_unknown_query_parameters_are_refused_with_the_ones_the_route_takes():
     refused = client.get("/items?limt=5")
     assert refused.status_code == 422
     assert refused.json()["detail"] == "unknown query parameter 'limt': this route takes limit, offset"
+    twice = client.get("/items?limit=5&limit=6")
+    assert twice.status_code == 422 and twice.json()["detail"] == "query parameter 'limit' is given 2 times: give it once"

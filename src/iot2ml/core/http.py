@@ -84,7 +84,8 @@ def error_response(err: BaseException) -> Response:
 
 async def known_query_only(request: Request) -> None:
     """Refuse query parameters the route does not declare (a typo such as ``?limt=5`` would else be
-    ignored silently): ``InvalidInput`` (422) naming the parameter and those the route takes. Install
+    ignored silently) or gives more than once: ``InvalidInput`` (422) naming the parameter and those
+    the route takes. Install
     app-wide: ``FastAPI(dependencies=[Depends(known_query_only)])``."""
     if not request.query_params:
         return
@@ -102,6 +103,10 @@ async def known_query_only(request: Request) -> None:
     if unknown:
         takes = ", ".join(sorted(known)) or "none"
         raise InvalidInput(f"unknown query parameter {unknown[0]!r}: this route takes {takes}")
+    for key in known:  # no route takes a list: a repeated parameter would silently keep its last value
+        given = len(request.query_params.getlist(key))
+        if given > 1:
+            raise InvalidInput(f"query parameter {key!r} is given {given} times: give it once")
 
 
 def install_error_handlers(app: FastAPI) -> None:
