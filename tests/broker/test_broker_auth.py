@@ -112,3 +112,33 @@ def test_busy_port_names_the_flag(settings):
         port = s.getsockname()[1]
         with pytest.raises(PortInUse, match=f"port {port} is already in use: pass --mqtt-port"):
             BrokerService(settings.model_copy(update={"mqtt_port": port}), Devices(Catalog(settings.catalog)))
+
+
+def test_a_port_taken_between_the_check_and_the_start_is_named_or_replaced(settings):
+    """Another program binds a port after it was checked free: the internal monitoring port is
+    replaced and the broker starts; a user's port fails with the flag to change (nats-server's own
+    reason shown, not only 'exited with code 1')."""
+    import socket
+    from dataclasses import replace
+
+    from iot2ml.broker.service import BrokerService
+    from iot2ml.core.errors import PortInUse
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        service = BrokerService(settings, Devices(Catalog(settings.catalog)))
+        service.ports = replace(service.ports, monitor_port=taken)
+        try:
+            service.start()
+            assert service.nats.alive() and service.ports.monitor_port != taken
+        finally:
+            service.nats.stop()
+        service = BrokerService(settings, Devices(Catalog(settings.catalog)))
+        service.ports = replace(service.ports, mqtt_port=taken)
+        try:
+            with pytest.raises(PortInUse, match=f"port {taken} is already in use: pass --mqtt-port"):
+                service.start()
+        finally:
+            service.nats.stop()

@@ -123,6 +123,7 @@ class EmbeddedNats:
     def start(self, ports: BrokerPorts, *, timeout: float = 20.0) -> None:
         self.ports = ports
         log = open(self.log_path, "ab")
+        offset = log.tell()
         try:
             self.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(self.config_path)],
@@ -136,13 +137,25 @@ class EmbeddedNats:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise BrokerUnavailable(
-                    f"nats-server exited with code {self.proc.returncode}: see {self.log_path}"
+                    f"nats-server exited with code {self.proc.returncode}: {self._last_error(offset)}"
+                    f" (log: {self.log_path})"
                 )
             if _healthy(ports.host, ports.monitor_port) and _accepts(ports.host, ports.mqtt_port):
                 return
             time.sleep(0.05)
         self.stop()
         raise BrokerUnavailable(f"nats-server did not become ready in {timeout:.0f} s: see {self.log_path}")
+
+    def _last_error(self, offset: int) -> str:
+        """The last error line nats-server logged since ``offset`` (its reason to exit), or ''."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        errors = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+        return (errors or lines or [""])[-1].strip()
 
     def reload(self) -> None:
         """Make the running server re-read its config (users and permissions are hot-reloadable)."""

@@ -8,11 +8,12 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import replace
 from typing import Callable
 
 from ..core.config import Settings
 from ..core.devices import DeviceDirectory
-from ..core.errors import BrokerUnavailable
+from ..core.errors import BrokerUnavailable, PortInUse
 from ..core.runtime import claim_port, clear_run_info, free_port, secret, write_run_info
 from ..core.transport import STREAM, TELEMETRY_SUBJECT, service_url
 from .nats import BrokerPorts, EmbeddedNats, render_config
@@ -86,8 +87,23 @@ class BrokerService:
         )
 
     def start(self) -> None:
-        self._render()
-        self.nats.start(self.ports)
+        for attempt in range(3):
+            self._render()
+            try:
+                self.nats.start(self.ports)
+                break
+            except BrokerUnavailable as exc:
+                # A port we checked free was taken before nats-server bound it (another program won the race).
+                if "address already in use" not in str(exc):
+                    raise
+                for flag, port in (("--nats-port", self.ports.nats_port), ("--mqtt-port", self.ports.mqtt_port)):
+                    if f":{port}:" in str(exc) or f":{port} " in str(exc):
+                        raise PortInUse({flag: port}) from exc
+                if attempt == 2:
+                    raise
+                log.warning("broker monitoring port %s was taken while starting: trying another",
+                            self.ports.monitor_port)
+                self.ports = replace(self.ports, monitor_port=free_port(self.ports.host))
         asyncio.run(ensure_stream(self.url, self.settings))
         write_run_info(
             self.settings.data_dir,

@@ -46,7 +46,8 @@ log = logging.getLogger("iot2ml.serve")
 
 WINDOW_SECONDS = 120.0
 MIN_CANARY_REQUESTS = 10
-"""A canary is promoted only after this many answered requests (and its bake time)."""
+"""A canary is promoted only after this many answered requests (and its bake time); with a latency
+threshold, only after MIN_LATENCY_SAMPLES, so that the threshold was judged."""
 MIN_LATENCY_SAMPLES = 20
 """Latency thresholds are judged only on at least this many requests."""
 
@@ -709,7 +710,9 @@ class ServingRuntime:
                 await self.refresh()
                 continue
             bake = spec.bake_seconds or 0.0
-            if time.monotonic() - since >= bake and figures["requests"] >= MIN_CANARY_REQUESTS:
+            # A latency threshold is judged from MIN_LATENCY_SAMPLES requests on: never promote before it was.
+            needed = MIN_LATENCY_SAMPLES if {"p99_ms", "p50_ms"} & set(spec.rollback_on) else MIN_CANARY_REQUESTS
+            if time.monotonic() - since >= bake and figures["requests"] >= needed:
                 promoted = replace(spec, variants=tuple(
                     [Variant(canary.ref, "primary")] + [v for v in spec.variants if v.role == "shadow"]),
                     canary_since=None)
