@@ -134,25 +134,52 @@ def _seconds(flag: str, text: str) -> float:
 @alerts_app.command("add")
 def alerts_add(
     name: str,
-    table: Annotated[str, typer.Option(help="The lake table to watch (a device type's table).")],
-    when: Annotated[str, typer.Option(help="One aggregate compared with a number, e.g. 'max(pressure) > 5'.")],
-    by: Annotated[list[str] | None, typer.Option(help="A column whose values are separate alerts (repeatable).")] = None,
-    window: Annotated[str, typer.Option(help="The sliding window the aggregate covers, e.g. 1m.")] = "1m",
+    table: Annotated[str | None, typer.Option(help="With --when: the lake table to watch (a device type's table).")] = None,
+    when: Annotated[str | None, typer.Option(help="One aggregate compared with a number, e.g. 'max(pressure) > 5'.")] = None,
+    by: Annotated[list[str] | None, typer.Option(help="With --when: a column whose values are separate alerts (repeatable).")] = None,
+    silent: Annotated[str | None, typer.Option(help="A device of --type sent nothing for this long (e.g. 5m), or 'auto' "
+                                               "(several times its usual interval).")] = None,
+    stuck: Annotated[int | None, typer.Option(help="A field of a device of --type repeated one value this many readings.")] = None,
+    range_: Annotated[list[str] | None, typer.Option("--range", help="FIELD=LO:HI (declared) or FIELD (learned from the "
+                                                     "table's quantiles): readings outside it (repeatable).")] = None,
+    dead_letter_rate: Annotated[float | None, typer.Option(help="Share of messages dead-lettered in the window "
+                                                           "(by reason) above this, e.g. 0.05.")] = None,
+    schema_changes: Annotated[bool, typer.Option("--schema-changes", help="New or conflicting columns in --type's data.")] = False,
+    type_: Annotated[str | None, typer.Option("--type", help="The device type --silent, --stuck, --range, "
+                                              "--dead-letter-rate and --schema-changes watch.")] = None,
+    drift: Annotated[str | None, typer.Option(help="A deployed model whose inputs drift from its training data.")] = None,
+    metric: Annotated[str | None, typer.Option(help="MODEL:METRIC of live quality, e.g. wine-quality:accuracy; "
+                                               "with --below or --above.")] = None,
+    below: Annotated[float | None, typer.Option(help="With --metric: fire when the metric is below this.")] = None,
+    above: Annotated[float | None, typer.Option(help="With --metric: fire when the metric is above this.")] = None,
+    anomaly: Annotated[str | None, typer.Option(help="A model whose streamed anomaly flags raise alerts (per device).")] = None,
+    retrain: Annotated[str | None, typer.Option(help="With --drift or --metric: the training command (as after "
+                                                "'iot2ml train') run when the rule fires.")] = None,
+    canary: Annotated[int | None, typer.Option(help="With --retrain: percent of traffic for the retrained model.")] = None,
+    bake: Annotated[str | None, typer.Option(help="With --retrain: how long the canary bakes, e.g. 10m.")] = None,
+    window: Annotated[str, typer.Option(help="The sliding window the rule covers, e.g. 1m.")] = "1m",
     for_: Annotated[str, typer.Option("--for", help="How long the condition must hold before firing, e.g. 30s.")] = "0s",
     every: Annotated[str, typer.Option(help="How often the rule is evaluated, e.g. 10s.")] = "1m",
     severity: Annotated[str, typer.Option(help="critical, warning, info... (a label of the alert).")] = "warning",
     notify: Annotated[list[str] | None, typer.Option(help="A notifier to send to (repeatable); see 'iot2ml notifiers list'.")] = None,
     data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
-    """Add an alert rule, checked against the table's columns; the monitor picks it up within a second."""
+    """Add an alert rule (one of --when, --silent, --stuck, --range, --dead-letter-rate, --schema-changes,
+    --drift, --metric, --anomaly), checked now; the monitor picks it up within a second."""
+    from ..monitor.kinds import Context, rule_spec
     from ..monitor.service import define_rule
 
     settings, rules = _alert_rules(data_dir, catalog_url)
-    record = _run(define_rule, _lake(settings), name, table=table, when=when, by=tuple(by or ()),
+    kind, spec = _run(rule_spec, {
+        "table": table, "when": when, "by": by, "silent": silent, "stuck": stuck, "range": range_,
+        "dead_letter_rate": dead_letter_rate, "schema_changes": schema_changes, "type": type_, "drift": drift,
+        "metric": metric, "below": below, "above": above, "anomaly": anomaly, "retrain": retrain,
+        "canary": canary, "bake": None if bake is None else _seconds("--bake", bake)})
+    record = _run(define_rule, Context(_lake(settings), rules.catalog, settings), name, kind=kind, spec=spec,
                   window=_seconds("--window", window), for_=_seconds("--for", for_), every=_seconds("--every", every),
                   severity=severity, notify=tuple(notify or ()))
     _run(rules.add, record)
-    console.print(f"alert rule [bold]{name}[/]: {when} over {table} ({window} window, every {every})")
+    console.print(f"alert rule [bold]{name}[/]: {record.when} over {record.table} ({window} window, every {every})")
 
 
 @alerts_app.command("list")
@@ -172,10 +199,11 @@ def alerts_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: 
         return
     from rich.table import Table
 
-    table = Table("name", "table", "when", "by", "severity", "notify", "firing")
+    table = Table("name", "kind", "watches", "when", "by", "severity", "notify", "firing")
     for r in out:
         shown = "\n".join(f"{a['id']} {a['state']} {json.dumps(a['labels'])}" for a in r["alerts"])
-        table.add_row(r["name"], r["table"], r["when"], ",".join(r["by"]), r["severity"], ",".join(r["notify"]), shown)
+        table.add_row(r["name"], r["kind"], r["table"], r["when"], ",".join(r["by"]), r["severity"], ",".join(r["notify"]),
+                      shown)
     console.print(table)
 
 

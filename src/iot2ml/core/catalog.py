@@ -84,7 +84,10 @@ class Catalog:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def register(self, *tables: sa.Table) -> None:
-        """Create ``tables`` (declared on ``metadata``) unless they exist; once per table and catalog."""
+        """Create ``tables`` (declared on ``metadata``) unless they exist; once per table and catalog.
+
+        A table made by an older release gets the columns added since (each new column must be
+        nullable or have a server default, so existing rows stay valid)."""
         with self._lock:
             todo = [t for t in tables if t.name not in self._registered]
             if not todo:
@@ -93,11 +96,25 @@ class Catalog:
                 try:
                     with self._translated():
                         metadata.create_all(self._engine, tables=todo)
+                        self._add_new_columns(todo)
                     break
                 except (IntegrityError, ProgrammingError):
                     if attempt:  # another process created them at the same moment: look again once
                         raise
             self._registered.update(t.name for t in todo)
+
+    def _add_new_columns(self, tables: list[sa.Table]) -> None:
+        inspector = sa.inspect(self._engine)
+        for table in tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                kind = column.type.compile(dialect=self._engine.dialect)
+                default = "" if column.server_default is None else f" DEFAULT '{column.server_default.arg}'"
+                null = "" if column.nullable or default else " NULL"
+                with self._engine.begin() as conn:
+                    conn.execute(sa.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}{null}'))
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[sa.Connection]:

@@ -279,3 +279,24 @@ def _expression(rule: CompiledRule) -> Any:
     if rule.agg == "last":
         return col.sort_by(["ts", "_seq"]).last()
     return getattr(col, rule.agg)()
+
+
+# ---- the "threshold" kind of alert rule (see kinds.py) ------------------------------------------
+
+def define_threshold(spec: dict[str, Any], ctx: Any, window: float) -> Any:
+    """``--table T --when 'agg(col) op N' [--by col]``: checked against the table's schema."""
+    from .kinds import Definition, refuse_extra
+
+    refuse_extra("--when", spec, ("when", "table", "by"))
+    table = spec.get("table")
+    if not table:
+        raise InvalidInput("--when needs --table: the lake table to watch, e.g. --table pump")
+    by = spec.get("by") or ()
+    by = (by,) if isinstance(by, str) else tuple(by)
+    compiled = compile_rule(table, spec["when"], by, window, schema=ctx.lake.schema(table))
+    return Definition(table=table, what=compiled.when, by=compiled.by, spec={})
+
+
+def threshold_evaluator(record: Any, ctx: Any) -> WindowEvaluator:
+    compiled = compile_rule(record.table, record.when, record.by, record.window, schema=ctx.lake.schema(record.table))
+    return WindowEvaluator(ctx.lake, compiled)

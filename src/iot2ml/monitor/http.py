@@ -10,13 +10,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import InvalidInput
 from ..core.http import Admin, Reader, json_response, needs
 from ..core.storage import TableStore
 from ..core.timeutil import parse_duration
 from .dispatch import deliver
+from .kinds import Context, rule_spec
 from .notifiers import test_notification
 from .service import define_rule, history
 from .store import AlertRules, Notifiers, firing_ids
@@ -73,10 +74,30 @@ async def test_notifier(name: str, _who: Admin, deps: Deps) -> Response:
 # ------------------------------------------------------------------------------------------- alerts
 
 class AlertRuleRequest(BaseModel):
+    """One kind of rule per request (the CLI's flags, ``-`` as ``_``): ``when`` with ``table``, or
+    ``silent``, ``stuck``, ``range``, ``dead_letter_rate``, ``schema_changes`` (with ``type``),
+    ``drift``, ``metric`` (with ``below`` or ``above``), ``anomaly``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     name: str = Field(..., examples=["high-pressure"])
-    table: str = Field(..., examples=["pump"])
-    when: str = Field(..., examples=["max(pressure) > 5"])
+    table: str | None = Field(None, examples=["pump"])
+    when: str | None = Field(None, examples=["max(pressure) > 5"])
     by: list[str] = Field(default_factory=list, examples=[["device_id"]])
+    silent: str | None = Field(None, description="Duration (5m) or 'auto'", examples=["5m"])
+    stuck: int | None = Field(None, examples=[20])
+    range: list[str] = Field(default_factory=list, examples=[["pressure=0:10"]])
+    dead_letter_rate: float | None = Field(None, examples=[0.05])
+    schema_changes: bool = False
+    type: str | None = Field(None, examples=["pump"])
+    drift: str | None = Field(None, examples=["wine-quality"])
+    metric: str | None = Field(None, examples=["wine-quality:accuracy"])
+    below: float | None = None
+    above: float | None = None
+    anomaly: str | None = Field(None, examples=["pump-blockage"])
+    retrain: str | None = Field(None, examples=["classify --table wine --label quality --entity batch_id --name wine-quality"])
+    canary: int | None = Field(None, examples=[10])
+    bake: str | None = Field(None, description="Duration the retrained canary bakes", examples=["10m"])
     window: str = Field("1m", description="Duration: 90s, 1m, 1h", examples=["1m"])
     for_: str = Field("0s", alias="for", description="Duration the condition holds before firing", examples=["30s"])
     every: str = Field("1m", description="Evaluation interval", examples=["10s"])
@@ -115,7 +136,12 @@ async def get_alerts(_who: Reader, deps: AlertDeps) -> list[dict[str, Any]]:
                         422: {"description": "A condition, table, column, duration or notifier that does not fit"}})
 async def post_alert(req: AlertRuleRequest, _who: Admin, deps: AlertDeps) -> dict[str, Any]:
     def add() -> dict[str, Any]:
-        record = define_rule(deps.lake, req.name, table=req.table, when=req.when, by=tuple(req.by),
+        options = req.model_dump(include={"table", "when", "by", "silent", "stuck", "range", "dead_letter_rate",
+                                          "schema_changes", "type", "drift", "metric", "below", "above", "anomaly",
+                                          "retrain", "canary"})
+        options["bake"] = None if req.bake is None else parse_duration(req.bake)
+        kind, spec = rule_spec(options)
+        record = define_rule(Context(deps.lake, deps.rules.catalog), req.name, kind=kind, spec=spec,
                              window=parse_duration(req.window), for_=parse_duration(req.for_),
                              every=parse_duration(req.every), severity=req.severity, notify=tuple(req.notify))
         return deps.rules.add(record).to_dict()

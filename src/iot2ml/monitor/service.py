@@ -33,8 +33,8 @@ from ..core.errors import InvalidInput, Iot2mlError, NotFound
 from ..core.storage import TableStore
 from ..core.tables import ALERTS
 from .dispatch import Dispatcher
-from .evaluate import WindowEvaluator, compile_rule
 from .grouping import AlertEngine, Route, Silence
+from .kinds import Context, Evaluator, kind_of
 from .rules import EvalError, Result, Rule, StateChange
 from .store import AlertRules, Notifiers, RuleRecord
 
@@ -46,16 +46,34 @@ APP_ID = "iot2ml-monitor"
 """The Delta transaction mark of the ``alerts`` appends."""
 
 
-def define_rule(lake: TableStore, name: str, *, table: str, when: str, by: tuple[str, ...] = (),
-                window: float = 60.0, for_: float = 0.0, every: float = 60.0, severity: str = "warning",
-                notify: tuple[str, ...] = ()) -> RuleRecord:
-    """A rule checked against the lake table's schema (``InvalidInput`` with the reason); not stored."""
+def define_rule(lake: TableStore | Context, name: str, *, kind: str = "threshold",
+                spec: dict[str, Any] | None = None, table: str | None = None, when: str | None = None,
+                by: tuple[str, ...] = (), window: float = 60.0, for_: float = 0.0, every: float = 60.0,
+                severity: str = "warning", notify: tuple[str, ...] = ()) -> RuleRecord:
+    """A rule of ``kind`` (``kinds.KINDS``) checked by that kind (``InvalidInput`` with the reason); not stored.
+
+    ``spec`` is what the user gave for the kind (the flags without dashes: ``{"silent": "5m", "type":
+    "pump"}``); a threshold rule may instead pass ``table``, ``when`` and ``by``. ``retrain``,
+    ``canary`` and ``bake`` in ``spec`` are checked by ``retrain.check_retrain``."""
+    ctx = lake if isinstance(lake, Context) else Context(lake)
     Rule(name=name, severity=severity, for_seconds=for_, every_seconds=every, by=by, notify=notify)
     if not severity or any(c.isspace() for c in severity):
         raise InvalidInput(f"--severity {severity!r} is empty or has spaces: use e.g. critical, warning, info")
-    compile_rule(table, when, by, window, schema=lake.schema(table))
-    return RuleRecord(name, table, when, tuple(by), float(window), float(for_), float(every), severity,
-                      tuple(notify), datetime.now(UTC))
+    if not (isinstance(window, (int, float)) and window > 0):
+        raise InvalidInput(f"--window {window!r} must be a duration > 0, e.g. 1m")
+    if spec is None:
+        spec = {"table": table, "when": when, "by": list(by)}
+    spec = {k: v for k, v in spec.items() if v is not None and v is not False and v != [] and v != ()}
+    retrain = {k: spec.pop(k) for k in ("retrain", "canary", "bake") if k in spec}
+    definition = kind_of(kind).define(spec, ctx, float(window))
+    stored = dict(definition.spec)
+    if retrain:
+        from .retrain import check_retrain
+
+        stored["retrain"] = check_retrain(retrain, ctx, definition.table)
+    Rule(name=name, severity=severity, for_seconds=for_, every_seconds=every, by=definition.by, notify=notify)
+    return RuleRecord(name, definition.table, definition.what, tuple(definition.by), float(window), float(for_),
+                      float(every), severity, tuple(notify), datetime.now(UTC), kind, stored)
 
 
 def history(lake: TableStore, *, rule: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -79,25 +97,30 @@ def history(lake: TableStore, *, rule: str | None = None, limit: int = 1000) -> 
 class _Loaded:
     """A stored rule as the monitor runs it: its evaluator (or why it cannot run) and its next time."""
 
-    def __init__(self, record: RuleRecord, lake: TableStore) -> None:
+    def __init__(self, record: RuleRecord, ctx: Context) -> None:
         self.record = record
         self.rule = Rule(name=record.name, severity=record.severity, for_seconds=record.for_,
                          every_seconds=record.every, by=record.by, notify=record.notify,
-                         annotations={"when": record.when, "table": record.table})
+                         annotations={"when": record.when, "table": record.table, "kind": record.kind})
         self.next_at = 0.0
-        self.evaluator: WindowEvaluator | None = None
+        self.evaluator: Evaluator | None = None
         self.error: str | None = None
         try:
-            compiled = compile_rule(record.table, record.when, record.by, record.window,
-                                    schema=lake.schema(record.table))
-            self.evaluator = WindowEvaluator(lake, compiled)
-        except Iot2mlError as err:  # the table went away or changed since `alerts add`
+            self.evaluator = kind_of(record.kind).evaluator(record, ctx)
+        except Iot2mlError as err:  # the table, model or column went away or changed since `alerts add`
             self.error = str(err)
+        except Exception as err:  # noqa: BLE001 - a rule that cannot be built is in Error, not the monitor down
+            log.warning("alert rule %r cannot be evaluated: %s", record.name, err)
+            self.error = f"{type(err).__name__}: {err}"
 
     def evaluate(self, now: float) -> Result:
         if self.evaluator is None:
             return EvalError(self.error or "the rule cannot be evaluated")
-        return self.evaluator.evaluate(now)
+        try:
+            return self.evaluator.evaluate(now)
+        except Exception as err:  # noqa: BLE001 - evaluators should not raise; if one does, it is an Error state
+            log.warning("alert rule %r: evaluation raised %s", self.record.name, err)
+            return EvalError(f"{type(err).__name__}: {err}")
 
 
 class Monitor:
@@ -108,7 +131,9 @@ class Monitor:
         self.settings, self.lake, self.rules, self.notifiers = settings, lake, rules, notifiers
         self.clock, self.tick_seconds = clock, tick
         self.engine = AlertEngine()
+        self.ctx = Context(lake, getattr(rules, "catalog", None), settings)
         self.loaded: dict[str, _Loaded] = {}
+        self._retrainer: Any = None  # retrain.Retrainer, made when a rule with --retrain fires
         self.evaluations = 0
         self.dispatcher = Dispatcher(notifiers)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="iot2ml-alert-eval")
@@ -145,6 +170,8 @@ class Monitor:
     def close(self) -> None:
         self.dispatcher.stop()
         self._pool.shutdown(wait=True)
+        if self._retrainer is not None:
+            self._retrainer.close()
 
     # -- one tick ------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -154,14 +181,35 @@ class Monitor:
         due = [loaded for loaded in self.loaded.values() if loaded.next_at <= now]
         results = list(self._pool.map(lambda item: item.evaluate(now), due))
         for loaded, result in zip(due, results):
-            changes += self.engine.evaluate(loaded.rule.name, result, now)
+            made = self.engine.evaluate(loaded.rule.name, result, now)
+            changes += made
             loaded.next_at = now + loaded.rule.every_seconds
+            if loaded.record.spec.get("retrain"):
+                changes += self._retrain(loaded.record, made, now)
+        if self._retrainer is not None:
+            changes += self._retrainer.collect()
         if changes:
             self.evaluations += 1
             self._append(changes)
         for note in self.engine.due(now):
             self._send(note)
         self.rules.save_state({"engine": self.engine.snapshot(), "evaluations": self.evaluations}, applied=applied)
+
+    def _retrain(self, record: RuleRecord, made: list[StateChange], now: float) -> list[StateChange]:
+        """Start a retrain for each instance of ``record`` that began firing; the rows that say so."""
+        fired = [c for c in made if c.state == "Firing" and c.from_state != "Firing"]
+        if not fired:
+            return []
+        if self._retrainer is None:
+            from .retrain import Retrainer
+
+            self._retrainer = Retrainer(self.ctx)
+        out: list[StateChange] = []
+        for change in fired:
+            row = self._retrainer.submit(record, change, now)
+            if row is not None:
+                out.append(row)
+        return out
 
     def _reload(self, now: float) -> list[StateChange]:
         """Follow the stored rules: a removed or redefined rule resolves its alerts (rows returned)."""
@@ -174,7 +222,7 @@ class Monitor:
                 del self.loaded[name]
         for name, record in records.items():
             if name not in self.loaded:
-                loaded = self.loaded[name] = _Loaded(record, self.lake)
+                loaded = self.loaded[name] = _Loaded(record, self.ctx)
                 self.engine.add(loaded.rule)
                 for receiver in loaded.rule.notify:
                     self.engine.grouper.routes.setdefault(receiver, self._route(receiver))

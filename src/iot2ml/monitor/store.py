@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -153,6 +153,8 @@ _rules = sa.Table(
     sa.Column("severity", sa.String(32), nullable=False),
     sa.Column("notify", sa.Text, nullable=False),  # JSON list of notifier names
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False, server_default="threshold"),  # see kinds.KINDS
+    sa.Column("spec", sa.Text, nullable=False, server_default="{}"),  # JSON object: the kind's own settings
 )
 _state = sa.Table(
     "monitor_state", metadata,
@@ -172,7 +174,11 @@ _commands = sa.Table(
 
 @dataclass(frozen=True)
 class RuleRecord:
-    """A stored alert rule; durations in seconds."""
+    """A stored alert rule; durations in seconds.
+
+    ``kind`` names a row of ``kinds.KINDS``; ``table`` is what it watches (a lake table, a device
+    type's table or a model), ``when`` its condition in words, ``spec`` the kind's own settings
+    (JSON-able; ``spec["retrain"]`` when the rule retrains a model)."""
 
     name: str
     table: str
@@ -184,11 +190,19 @@ class RuleRecord:
     severity: str
     notify: tuple[str, ...]
     created_at: datetime
+    kind: str = "threshold"
+    spec: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RuleRecord) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.kind, self.table, self.when))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "table": self.table, "when": self.when, "by": list(self.by),
+        return {"name": self.name, "kind": self.kind, "table": self.table, "when": self.when, "by": list(self.by),
                 "window": self.window, "for": self.for_, "every": self.every, "severity": self.severity,
-                "notify": list(self.notify), "created_at": _iso(self.created_at)}
+                "notify": list(self.notify), "spec": self.spec, "created_at": _iso(self.created_at)}
 
 
 @dataclass(frozen=True)
@@ -227,7 +241,7 @@ class AlertRules:
             conn.execute(_rules.insert().values(
                 name=rule.name, table=rule.table, when=rule.when, by=json.dumps(list(rule.by)), window=rule.window,
                 **{"for": rule.for_}, every=rule.every, severity=rule.severity, notify=json.dumps(list(rule.notify)),
-                created_at=rule.created_at))
+                created_at=rule.created_at, kind=rule.kind, spec=json.dumps(rule.spec, sort_keys=True)))
         return rule
 
     def list(self) -> list[RuleRecord]:
@@ -305,4 +319,5 @@ def firing_ids(state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 def _rule(row: Any) -> RuleRecord:
     created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
     return RuleRecord(row.name, row.table, row.when, tuple(json.loads(row.by)), row.window, row._mapping["for"],
-                      row.every, row.severity, tuple(json.loads(row.notify)), created)
+                      row.every, row.severity, tuple(json.loads(row.notify)), created, row.kind,
+                      json.loads(row.spec or "{}"))
