@@ -8,6 +8,8 @@ Built-in tables (their names are reserved: no device type may take one):
 - ``predictions`` (``PREDICTIONS_SCHEMA``): batch scoring and streaming deployments.
 - ``prediction_log`` (``PREDICTION_LOG_SCHEMA``): every instance the serving runtime answered.
 - ``alerts`` (``ALERTS_SCHEMA``): every state change of an alert instance (the monitor writes it).
+- ``model_inputs`` (``MODEL_INPUTS_SCHEMA``): the inputs and answers serving saw (a bounded sample), for drift.
+- ``monitor_reports`` (``MONITOR_REPORTS_SCHEMA``): drift per feature, dataset and prediction drift, live quality.
 
 One table per device type holds its readings: the ``BASE_FIELDS`` first, then one column per field.
 
@@ -26,8 +28,10 @@ LABELS = "labels"
 PREDICTIONS = "predictions"
 PREDICTION_LOG = "prediction_log"
 ALERTS = "alerts"
+MODEL_INPUTS = "model_inputs"
+MONITOR_REPORTS = "monitor_reports"
 
-BUILT_IN = (RAW, DEAD_LETTERS, LABELS, PREDICTIONS, PREDICTION_LOG, ALERTS)
+BUILT_IN = (RAW, DEAD_LETTERS, LABELS, PREDICTIONS, PREDICTION_LOG, ALERTS, MODEL_INPUTS, MONITOR_REPORTS)
 """The tables above, in that order."""
 
 BASE_COLUMNS = ("device_id", "ts", "received_at", "msg_id", "_seq")
@@ -35,6 +39,7 @@ BASE_COLUMNS = ("device_id", "ts", "received_at", "msg_id", "_seq")
 
 __all__ = [
     "ALERTS", "ALERTS_SCHEMA", "BASE_COLUMNS", "BASE_FIELDS", "BUILT_IN", "DEAD_LETTERS", "DEAD_LETTERS_SCHEMA", "LABELS", "LABELS_SCHEMA",
+    "MODEL_INPUTS", "MODEL_INPUTS_SCHEMA", "MONITOR_REPORTS", "MONITOR_REPORTS_SCHEMA",
     "PREDICTIONS", "PREDICTIONS_SCHEMA", "PREDICTION_LOG", "PREDICTION_LOG_SCHEMA", "RAW", "RAW_SCHEMA",
 ]
 
@@ -79,11 +84,29 @@ def _schemas() -> dict[str, Any]:
             ("rule", pa.string()), ("state", pa.string()), ("labels", pa.string()), ("value", pa.float64()),
             ("at", ts), ("fingerprint", pa.string()), ("severity", pa.string()),
         ]),
+        # One row per captured instance. ``source``: rest, mqtt or stream; ``entity``: the value of the
+        # model's entity column (per-entity models), else null; ``inputs``: the instance's input fields as
+        # a JSON object; ``prediction``: the answer as JSON (null when it failed).
+        "MODEL_INPUTS_SCHEMA": pa.schema([
+            ("ts", ts), ("model", pa.string()), ("version", pa.int64()), ("variant", pa.string()),
+            ("source", pa.string()), ("device_id", pa.string()), ("entity", pa.string()),
+            ("request_id", pa.string()), ("inputs", pa.string()), ("prediction", pa.string()),
+        ]),
+        # One row per feature, the prediction, the dataset verdict (``scope`` feature / prediction /
+        # dataset, as ``monitor.drift.DriftReport.to_rows``) and each live-quality metric (``scope``
+        # quality: ``test`` = the metric's name, ``statistic`` = its value, ``n_current`` = rows judged).
+        "MONITOR_REPORTS_SCHEMA": pa.schema([
+            ("at", ts), ("model", pa.string()), ("version", pa.int64()), ("variant", pa.string()),
+            ("window_seconds", pa.float64()), ("scope", pa.string()), ("feature", pa.string()),
+            ("kind", pa.string()), ("test", pa.string()), ("statistic", pa.float64()), ("p_value", pa.float64()),
+            ("distance", pa.float64()), ("threshold", pa.float64()), ("drifted", pa.bool_()), ("psi", pa.float64()),
+            ("n_reference", pa.int64()), ("n_current", pa.int64()), ("status", pa.string()),
+        ]),
     }
 
 
 _LAZY = frozenset({"BASE_FIELDS", "RAW_SCHEMA", "DEAD_LETTERS_SCHEMA", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA",
-                   "PREDICTION_LOG_SCHEMA", "ALERTS_SCHEMA"})
+                   "PREDICTION_LOG_SCHEMA", "ALERTS_SCHEMA", "MODEL_INPUTS_SCHEMA", "MONITOR_REPORTS_SCHEMA"})
 
 
 def __getattr__(name: str) -> Any:
