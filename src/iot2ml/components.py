@@ -237,6 +237,7 @@ def run_monitor_component(settings: Settings) -> None:
     from .lake import Lake
     from .monitor.service import Monitor
     from .monitor.store import AlertRules, Notifiers
+    from .wiring import ModelOps
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -244,7 +245,7 @@ def run_monitor_component(settings: Settings) -> None:
     catalog = Catalog(settings.catalog)
     try:
         monitor = Monitor(settings, Lake(settings.lake, settings.lake_storage_options), AlertRules(catalog),
-                          Notifiers(catalog))
+                          Notifiers(catalog), models=ModelOps(settings, catalog))
         write_run_info(settings.data_dir, "monitor", {"lake": settings.lake})
         try:
             monitor.run(stop)

@@ -49,6 +49,7 @@ from ..query.http import router as query_router
 from ..serve.deployments import Deployments
 from ..serve.http import DeploymentsControl, Serving, deployments_router, predict_router
 from ..serve.runtime import ServingRuntime
+from ..wiring import ModelOps
 
 log = logging.getLogger("iot2ml.api")
 
@@ -150,7 +151,7 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     provide(app, DeploymentsControl(Deployments(catalog), guard.devices, lambda: workbench().registry,
                                     settings.data_dir, runtime=runtime, component="api"))
     provide(app, NotifiersHTTP(Notifiers(catalog)))
-    provide(app, AlertsHTTP(AlertRules(catalog), lake))
+    provide(app, AlertsHTTP(AlertRules(catalog), lake, ModelOps(settings, catalog)))
     # The predict route first: the route most requests take is matched first.
     for router in (predict_router, telemetry_router, query_router, auth_router, ml_router, deployments_router,
                    notifiers_router):

@@ -166,8 +166,9 @@ def alerts_add(
 ) -> None:
     """Add an alert rule (one of --when, --silent, --stuck, --range, --dead-letter-rate, --schema-changes,
     --drift, --metric, --anomaly), checked now; the monitor picks it up within a second."""
-    from ..monitor.kinds import Context, rule_spec
+    from ..monitor.kinds import rule_spec
     from ..monitor.service import define_rule
+    from ..wiring import monitor_context
 
     settings, rules = _alert_rules(data_dir, catalog_url)
     kind, spec = _run(rule_spec, {
@@ -175,7 +176,7 @@ def alerts_add(
         "dead_letter_rate": dead_letter_rate, "schema_changes": schema_changes, "type": type_, "drift": drift,
         "metric": metric, "below": below, "above": above, "anomaly": anomaly, "retrain": retrain,
         "canary": canary, "bake": None if bake is None else _seconds("--bake", bake)})
-    record = _run(define_rule, Context(_lake(settings), rules.catalog, settings), name, kind=kind, spec=spec,
+    record = _run(define_rule, monitor_context(settings, rules.catalog, _lake(settings)), name, kind=kind, spec=spec,
                   window=_seconds("--window", window), for_=_seconds("--for", for_), every=_seconds("--every", every),
                   severity=severity, notify=tuple(notify or ()))
     _run(rules.add, record)

@@ -115,6 +115,7 @@ class AlertsHTTP:
 
     rules: AlertRules
     lake: TableStore
+    models: Any = None  # wiring.ModelOps: rules on models look them up
 
 
 AlertDeps = Annotated[AlertsHTTP, needs(AlertsHTTP)]
@@ -141,7 +142,7 @@ async def post_alert(req: AlertRuleRequest, _who: Admin, deps: AlertDeps) -> dic
                                           "retrain", "canary"})
         options["bake"] = None if req.bake is None else parse_duration(req.bake)
         kind, spec = rule_spec(options)
-        record = define_rule(Context(deps.lake, deps.rules.catalog), req.name, kind=kind, spec=spec,
+        record = define_rule(Context(deps.lake, deps.rules.catalog, None, deps.models), req.name, kind=kind, spec=spec,
                              window=parse_duration(req.window), for_=parse_duration(req.for_),
                              every=parse_duration(req.every), severity=req.severity, notify=tuple(req.notify))
         return deps.rules.add(record).to_dict()

@@ -53,11 +53,20 @@ __all__ = ["KINDS", "Context", "Definition", "Evaluator", "RuleKind", "kind_of",
 
 @dataclass(frozen=True)
 class Context:
-    """What defining or evaluating a rule may use: the lake, the catalog (devices, registry) and settings."""
+    """What defining or evaluating a rule may use: the lake, the catalog, settings and ``models``.
+
+    ``models`` (``wiring.ModelOps``, handed in by the composition roots: monitor may not import ml or
+    serve) has ``describe(model, ref="champion") -> dict`` (the registry's description: ``version``,
+    ``task``, ``run_id``...; ``NotFound``), ``reference_profile(model, version) -> Profile | None``,
+    ``check_train(command, default_name=) -> job dict``, ``train(command, default_name=) -> dict`` and
+    ``deploy_canary(model, version, percent=, bake_seconds=, who=, reason=) -> dict``. It is ``None``
+    where no models are reachable (rules on models are then refused or in Error with that reason).
+    """
 
     lake: TableStore
     catalog: Any = None
     settings: Any = None
+    models: Any = None
 
 
 @dataclass(frozen=True)
