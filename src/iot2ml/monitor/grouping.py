@@ -41,6 +41,7 @@ webhook receiver's version 4 JSON.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -155,8 +156,10 @@ class _Group:
 
     @property
     def key(self) -> str:
-        body = ",".join(f"{k}={v!r}" for k, v in sorted(self.labels.items()))
-        return f"{{}}:{{{body}}}/{self.receiver}"
+        """Alertmanager's groupKey: the route's key (the root ``{}`` then the route matching this
+        receiver) ``:`` the group labels, values quoted as Go's ``%q`` does."""
+        body = ",".join(f"{k}={json.dumps(str(v))}" for k, v in sorted(self.labels.items()))
+        return f'{{}}/{{receiver={json.dumps(self.receiver)}}}:{{{body}}}'
 
     def to_dict(self) -> dict[str, object]:
         return {"receiver": self.receiver, "labels": self.labels, "next_flush": self.next_flush,
