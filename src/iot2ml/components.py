@@ -237,6 +237,7 @@ def run_monitor_component(settings: Settings) -> None:
     from .lake import Lake
     from .monitor.service import Monitor
     from .monitor.store import AlertRules, Notifiers
+    from .auth.store import Devices
     from .wiring import ModelOps
 
     stop = threading.Event()
@@ -245,7 +246,7 @@ def run_monitor_component(settings: Settings) -> None:
     catalog = Catalog(settings.catalog)
     try:
         monitor = Monitor(settings, Lake(settings.lake, settings.lake_storage_options), AlertRules(catalog),
-                          Notifiers(catalog), models=ModelOps(settings, catalog))
+                          Notifiers(catalog), models=ModelOps(settings, catalog), devices=Devices(catalog))
         write_run_info(settings.data_dir, "monitor", {"lake": settings.lake})
         try:
             monitor.run(stop)

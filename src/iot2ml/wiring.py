@@ -84,7 +84,8 @@ class ModelOps:
 
 
 def monitor_context(settings: Any, catalog: Any, lake: Any) -> Any:
-    """The ``monitor.kinds.Context`` for ``settings``: the lake, the catalog, and :class:`ModelOps`."""
+    """The ``monitor.kinds.Context`` for ``settings``: the lake, the catalog, :class:`ModelOps` and the devices."""
+    from .auth.store import Devices
     from .monitor.kinds import Context
 
-    return Context(lake, catalog, settings, ModelOps(settings, catalog))
+    return Context(lake, catalog, settings, ModelOps(settings, catalog), Devices(catalog))

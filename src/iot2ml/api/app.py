@@ -31,6 +31,7 @@ from fastapi import Depends, FastAPI
 from ..auth import Guard
 from ..auth.http import AuthHTTP
 from ..auth.http import router as auth_router
+from ..auth.store import Devices
 from ..core.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import BrokerUnavailable
@@ -151,7 +152,7 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     provide(app, DeploymentsControl(Deployments(catalog), guard.devices, lambda: workbench().registry,
                                     settings.data_dir, runtime=runtime, component="api"))
     provide(app, NotifiersHTTP(Notifiers(catalog)))
-    provide(app, AlertsHTTP(AlertRules(catalog), lake, ModelOps(settings, catalog)))
+    provide(app, AlertsHTTP(AlertRules(catalog), lake, ModelOps(settings, catalog), Devices(catalog)))
     # The predict route first: the route most requests take is matched first.
     for router in (predict_router, telemetry_router, query_router, auth_router, ml_router, deployments_router,
                    notifiers_router):

@@ -116,6 +116,7 @@ class AlertsHTTP:
     rules: AlertRules
     lake: TableStore
     models: Any = None  # wiring.ModelOps: rules on models look them up
+    devices: Any = None  # core.devices.DeviceDirectory: rules per device type
 
 
 AlertDeps = Annotated[AlertsHTTP, needs(AlertsHTTP)]
@@ -142,7 +143,7 @@ async def post_alert(req: AlertRuleRequest, _who: Admin, deps: AlertDeps) -> dic
                                           "retrain", "canary"})
         options["bake"] = None if req.bake is None else parse_duration(req.bake)
         kind, spec = rule_spec(options)
-        record = define_rule(Context(deps.lake, deps.rules.catalog, None, deps.models), req.name, kind=kind, spec=spec,
+        record = define_rule(Context(deps.lake, deps.rules.catalog, None, deps.models, deps.devices), req.name, kind=kind, spec=spec,
                              window=parse_duration(req.window), for_=parse_duration(req.for_),
                              every=parse_duration(req.every), severity=req.severity, notify=tuple(req.notify))
         return deps.rules.add(record).to_dict()
@@ -178,3 +179,19 @@ async def silence_alert(name: str, _who: Admin, deps: AlertDeps, req: SilenceReq
         raise InvalidInput(f"for {seconds!r} must be > 0, e.g. 1h")
     cmd = await asyncio.to_thread(deps.rules.silence, name, time.time() + seconds)
     return {"name": name, "until": cmd.until, "request": cmd.id}
+
+
+# ------------------------------------------------------------------------------------------- drift reports
+
+@router.get("/api/v1/monitor/{model}", summary="Drift of a model's captured inputs and answers (and live quality)",
+            responses={404: {"description": "No model of that name"},
+                       422: {"description": "A window that is not a duration > 0 (at most 366d)"}})
+async def get_monitor_report(model: str, _who: Reader, deps: AlertDeps,
+                             window: Annotated[str, Query(max_length=32, examples=["1h"],
+                                                          description="Duration: 90s, 30m, 1h, 2d")] = "1h",
+                             ) -> dict[str, Any]:
+    from .report import build_report, parse_window
+
+    seconds = parse_window(window)
+    ctx = Context(deps.lake, deps.rules.catalog, None, deps.models, deps.devices)
+    return await asyncio.to_thread(build_report, ctx, model, window=seconds)

@@ -61,12 +61,14 @@ class Context:
     ``check_train(command, default_name=) -> job dict``, ``train(command, default_name=) -> dict`` and
     ``deploy_canary(model, version, percent=, bake_seconds=, who=, reason=) -> dict``. It is ``None``
     where no models are reachable (rules on models are then refused or in Error with that reason).
+    ``devices`` is a ``core.devices.DeviceDirectory`` (the registered devices and their types) or None.
     """
 
     lake: TableStore
     catalog: Any = None
     settings: Any = None
     models: Any = None
+    devices: Any = None
 
 
 @dataclass(frozen=True)

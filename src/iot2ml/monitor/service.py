@@ -127,11 +127,12 @@ class Monitor:
     """The alerting loop over ``lake`` with its state in ``rules`` (an ``AlertRules``)."""
 
     def __init__(self, settings: Any, lake: TableStore, rules: AlertRules, notifiers: Notifiers, *,
-                 clock: Callable[[], float] = time.time, tick: float = 1.0, models: Any = None) -> None:
+                 clock: Callable[[], float] = time.time, tick: float = 1.0, models: Any = None,
+                 devices: Any = None) -> None:
         self.settings, self.lake, self.rules, self.notifiers = settings, lake, rules, notifiers
         self.clock, self.tick_seconds = clock, tick
         self.engine = AlertEngine()
-        self.ctx = Context(lake, getattr(rules, "catalog", None), settings, models)
+        self.ctx = Context(lake, getattr(rules, "catalog", None), settings, models, devices)
         self.loaded: dict[str, _Loaded] = {}
         self._retrainer: Any = None  # retrain.Retrainer, made when a rule with --retrain fires
         self.evaluations = 0
