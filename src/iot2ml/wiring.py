@@ -39,6 +39,11 @@ class ModelOps:
         registry = self.bench.registry
         return registry.describe(model, str(registry.resolve(model, ref)))
 
+    def params(self, model: str, version: int) -> dict[str, str]:
+        """The training run's parameters of ``model`` version ``version`` (table, label/target, entity, freq...)."""
+        described = self.describe(model, version)
+        return dict(self.bench.registry.client.get_run(described["run_id"]).data.params)
+
     def reference_profile(self, model: str, version: int) -> Any:
         """The ``monitor.profile.Profile`` logged with ``model`` version ``version``, or None if it has none."""
         import mlflow

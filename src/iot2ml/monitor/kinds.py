@@ -57,7 +57,8 @@ class Context:
 
     ``models`` (``wiring.ModelOps``, handed in by the composition roots: monitor may not import ml or
     serve) has ``describe(model, ref="champion") -> dict`` (the registry's description: ``version``,
-    ``task``, ``run_id``...; ``NotFound``), ``reference_profile(model, version) -> Profile | None``,
+    ``task``, ``run_id``...; ``NotFound``), ``params(model, version) -> dict`` (the training run's
+    parameters), ``reference_profile(model, version) -> Profile | None``,
     ``check_train(command, default_name=) -> job dict``, ``train(command, default_name=) -> dict`` and
     ``deploy_canary(model, version, percent=, bake_seconds=, who=, reason=) -> dict``. It is ``None``
     where no models are reachable (rules on models are then refused or in Error with that reason).
