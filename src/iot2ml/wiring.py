@@ -88,6 +88,48 @@ class ModelOps:
                       version=str(version), canary=percent, bake_seconds=bake_seconds, reason=reason)
 
 
+    def pin_primary(self, model: str, *, who: str, reason: str) -> dict[str, Any] | None:
+        """Pin ``model``'s deployed primary to the version its alias (``champion``) names now, keeping
+        the rest of the deployment, so that moving the alias does not switch traffic (the same version
+        answers). ``{"version", "alias", "generation"}``: ``alias`` is None when the primary named a
+        version already (nothing stored); None when ``model`` is not deployed."""
+        from dataclasses import replace
+
+        from .core.errors import Transient
+        from .serve.deployments import Deployments, Variant
+
+        deployments = Deployments(self.catalog)
+        current = deployments.get(model)
+        if current is None or current.primary is None:
+            return None
+        alias = current.primary.ref
+        if alias.isdigit():
+            return {"version": int(alias), "alias": None, "generation": current.generation}
+        version = self.bench.registry.resolve(model, alias)
+        variants = tuple(Variant(str(version), "primary") if v.role == "primary" else v for v in current.variants)
+        stored = deployments.put(replace(current, variants=variants), who=who, action="pin", reason=reason,
+                                 expect_generation=current.generation)
+        if stored.generation != current.generation + 1:
+            raise Transient(f"deployment {model!r} changed while its primary was being pinned: retry")
+        return {"version": version, "alias": alias, "generation": stored.generation}
+
+    def unpin_primary(self, model: str, pinned: dict[str, Any], *, who: str, reason: str) -> bool:
+        """Let the primary follow ``pinned["alias"]`` again, if the deployment is still the one
+        :meth:`pin_primary` stored (a later change wins); whether it did."""
+        from dataclasses import replace
+
+        from .serve.deployments import Deployments, Variant
+
+        deployments = Deployments(self.catalog)
+        current = deployments.get(model)
+        if current is None or current.generation != pinned["generation"] or not pinned.get("alias"):
+            return False
+        variants = tuple(Variant(pinned["alias"], "primary") if v.role == "primary" else v for v in current.variants)
+        stored = deployments.put(replace(current, variants=variants), who=who, action="unpin", reason=reason,
+                                 expect_generation=current.generation)
+        return stored.generation == current.generation + 1
+
+
 def monitor_context(settings: Any, catalog: Any, lake: Any) -> Any:
     """The ``monitor.kinds.Context`` for ``settings``: the lake, the catalog, :class:`ModelOps` and the devices."""
     from .auth.store import Devices

@@ -59,8 +59,9 @@ class Context:
     serve) has ``describe(model, ref="champion") -> dict`` (the registry's description: ``version``,
     ``task``, ``run_id``...; ``NotFound``), ``params(model, version) -> dict`` (the training run's
     parameters), ``reference_profile(model, version) -> Profile | None``,
-    ``check_train(command, default_name=) -> job dict``, ``train(command, default_name=) -> dict`` and
-    ``deploy_canary(model, version, percent=, bake_seconds=, who=, reason=) -> dict``. It is ``None``
+    ``check_train(command, default_name=) -> job dict``, ``train(command, default_name=) -> dict``,
+    ``deploy_canary(model, version, percent=, bake_seconds=, who=, reason=) -> dict``,
+    ``pin_primary(model, who=, reason=)`` and ``unpin_primary(model, pinned, who=, reason=)``. It is ``None``
     where no models are reachable (rules on models are then refused or in Error with that reason).
     ``devices`` is a ``core.devices.DeviceDirectory`` (the registered devices and their types) or None.
     """

@@ -172,7 +172,12 @@ class Monitor:
         self.dispatcher.stop()
         self._pool.shutdown(wait=True)
         if self._retrainer is not None:
-            self._retrainer.close()
+            self._retrainer.close()  # waits for a running retrain: a roll-out is not left half done
+            rows = self._retrainer.collect()
+            if rows:
+                self.evaluations += 1
+                self._append(rows)
+                self.rules.save_state({"engine": self.engine.snapshot(), "evaluations": self.evaluations})
 
     # -- one tick ------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -204,7 +209,7 @@ class Monitor:
         if self._retrainer is None:
             from .retrain import Retrainer
 
-            self._retrainer = Retrainer(self.ctx)
+            self._retrainer = Retrainer(self.ctx, clock=self.clock)
         out: list[StateChange] = []
         for change in fired:
             row = self._retrainer.submit(record, change, now)
