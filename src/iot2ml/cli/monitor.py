@@ -261,3 +261,61 @@ def alerts_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl =
     _, rules = _alert_rules(data_dir, catalog_url)
     _run(rules.remove, name)
     console.print(f"alert rule {name} removed")
+
+
+# ------------------------------------------------------------------------------------------- monitor report
+
+def _monitor_report_app():
+    from .platform import component_group
+
+    return component_group("monitor")
+
+
+@_monitor_report_app().command("report")
+def monitor_report(
+    name: str,
+    window: Annotated[str, typer.Option(help="How far back the captured inputs go, e.g. 1h, 30m, 1d.")] = "1h",
+    as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Drift of model NAME per version: per input feature and the prediction against its training data
+    (Evidently's tests), the dataset verdict, and live quality where labels or actuals arrived."""
+    from ..monitor.report import build_report, parse_window
+    from ..wiring import monitor_context
+
+    seconds = _run(parse_window, window)
+    settings, catalog = _catalog(data_dir, catalog_url)
+    report = _run(build_report, monitor_context(settings, catalog, _lake(settings)), name, window=seconds)
+    if as_json:
+        print(json.dumps(report))
+        return
+    from rich.table import Table
+
+    if not report["versions"]:
+        console.print(f"{name}: nothing captured in the last {window}: is it deployed and answering? "
+                      "(serving keeps capture_sample of its inputs)")
+    for v in report["versions"]:
+        variant = f" ({v['variant']})" if v.get("variant") else ""
+        if v["status"] == "no_reference":
+            console.print(f"[bold]{name} v{v['version']}[/]{variant}: {v['n_current']} rows, no reference profile "
+                          "(trained before profiles were logged): retrain it to check drift")
+            continue
+        verdict = "[bold red]dataset drift[/]" if v["dataset_drift"] else "no dataset drift"
+        console.print(f"[bold]{name} v{v['version']}[/]{variant}: {v['n_current']} rows in the last {window}, "
+                      f"{verdict} ({v['share_drifted']:.0%} of features drifted)")
+        table = Table("feature", "test", "statistic", "p-value / distance", "threshold", "drifted", "psi", "n")
+        for f in [*v["features"], *([{**v["prediction"], "feature": "(prediction)"}] if v["prediction"] else [])]:
+            score = f["p_value"] if f["p_value"] is not None else f["distance"]
+            table.add_row(f["feature"], f["test"], _num(f["statistic"]), _num(score), _num(f["threshold"]),
+                          "yes" if f["drifted"] else ("-" if f["status"] != "ok" else "no"), _num(f["psi"]),
+                          str(f["n_current"]))
+        console.print(table)
+    if report["quality"]:
+        table = Table("quality", "version", "value", "n")
+        for q in report["quality"]:
+            table.add_row(str(q.get("test")), str(q.get("version", "")), _num(q.get("statistic")),
+                          str(q.get("n_current", "")))
+        console.print(table)
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.4g}"

@@ -161,7 +161,38 @@ def _component_command(component: Component) -> None:
            for s in component.switches]
     run.__name__ = run.__qualname__ = component.name
     run.__doc__ = component.help
-    app.command(name=component.name)(shared_options(run, own))
+    _commands[component.name] = command = shared_options(run, own)
+    app.command(name=component.name)(command)
+
+
+_commands: dict[str, Any] = {}
+_groups: dict[str, typer.Typer] = {}
+
+
+def component_group(name: str) -> typer.Typer:
+    """The subcommands of component ``name`` (``iot2ml monitor report``): its command becomes a group
+    whose callback, taking the same options, runs the component when no subcommand is given, so
+    ``iot2ml NAME --data-dir D`` runs it as before. Add commands to the returned ``Typer``."""
+    if name in _groups:
+        return _groups[name]
+    command = _commands[name]
+    app.registered_commands[:] = [c for c in app.registered_commands if c.name != name]
+
+    def callback(ctx: typer.Context, **options: Any) -> None:
+        if ctx.invoked_subcommand is None:
+            command(**options)
+
+    signature = inspect.signature(command)
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    callback.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[context, *signature.parameters.values()])
+    callback.__name__ = callback.__qualname__ = name
+    callback.__doc__ = command.__doc__
+    group = typer.Typer(invoke_without_command=True, help=command.__doc__)
+    group.callback()(callback)
+    app.add_typer(group, name=name)
+    _groups[name] = group
+    return group
 
 
 for _component in COMPONENTS:

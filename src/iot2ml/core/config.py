@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     serve_max_model_mb: float = Field(4096.0, gt=0, description="Memory the loaded models may take, in MB (LRU).")
     serve_max_batch: int = Field(512, ge=1, description="Most rows one model call answers (micro-batching).")
     serve_log_predictions: bool = Field(True, description="Write every answer to the prediction_log table.")
+    capture_sample: float = Field(1.0, ge=0, le=1, description="Share of the instances each model answers "
+                                  "(REST, MQTT, streamed rows) kept in the model_inputs table for drift (0 = none).")
+    capture_max_per_second: int = Field(1000, ge=0, description="Most instances per model and second kept in "
+                                        "model_inputs; the rest are counted as capped.")
     platform_wait: float = Field(30.0, ge=0, description="Seconds a command that needs the running platform "
                                  "(simulate) waits for one that is starting.")
     monitor_group_wait: float = Field(30.0, ge=0, description="Seconds a new alert group waits before its first "

@@ -149,6 +149,9 @@ def run_training(
         data_versions[LABELS] = version(LABELS)
     task = make_task(job.task, {k: v for k, v in job.options.items() if k != "label_window"})
     result: TrainResult = task.fit(frame)
+    profile = reference_profile(result.model, job.task, frame)
+    if profile is not None:
+        result.artifacts[REFERENCE_PROFILE] = profile
 
     def compare(champion: Any, since: pd.Timestamp | None) -> dict[str, Any]:
         return task.compare(champion, frame, result, since)
@@ -161,6 +164,63 @@ def run_training(
         compare=compare,
     )
     return described
+
+
+REFERENCE_PROFILE = "reference_profile"
+"""``TrainResult.artifacts`` key of the reference profile (logged as ``reference_profile.json``)."""
+PREDICTION = "prediction"
+"""The profile's column of the model's answers (one number or class per answer, see ``answer_value``)."""
+REFERENCE_ROWS = 10_000
+"""Training rows profiled at most (a seeded sample of them beyond that)."""
+
+
+def answer_value(task: str, answer: dict[str, Any]) -> Any:
+    """The one value of an online answer that drift follows: the class (as text) for classify, the
+    score for anomaly, the value for regress. ``monitor.report`` reads captured answers the same way
+    (``score`` if the answer has one, else ``prediction``; forecast: the ``mean`` values)."""
+    if "score" in answer:
+        return float(answer["score"])
+    value = answer.get("prediction")
+    if task == "classify":
+        return None if value is None else str(value)
+    return None if value is None else float(value)
+
+
+def reference_profile(model: Any, task: str, frame: pd.DataFrame, *, max_rows: int = REFERENCE_ROWS,
+                      seed: int = 0) -> dict[str, Any] | None:
+    """The ``monitor.profile`` of what the model receives online, JSON-able; None if it cannot be built.
+
+    Row models (classify, regress, anomaly): the raw input fields a REST, MQTT or streamed instance
+    carries (``describe_inputs()["features"]``, never the aggregated matrix of a per-entity model) over
+    the training rows (a seeded sample of ``max_rows``), plus ``prediction``: the fitted model's answers
+    on those rows, each row one record as serving sees it (``answer_value``). Forecast: ``target`` and
+    ``prediction`` are both the target series' values (a forecast should look like the series).
+    Training never fails for want of a profile: a failure is logged and the run has none."""
+    import logging
+
+    from ..monitor.profile import build_profile
+
+    try:
+        if len(frame) > max_rows:
+            frame = frame.sample(n=max_rows, random_state=seed)
+        inputs = model.describe_inputs() if hasattr(model, "describe_inputs") else {}
+        if hasattr(model, "matrix_from_arrow"):
+            features = [f for f in inputs.get("features", []) if f != PREDICTION]
+            read = list(dict.fromkeys([*features, *[f for f in inputs.get("fields", []) if f in frame.columns]]))
+            table = pa.Table.from_pandas(frame[read], preserve_index=False)
+            answers = model.answers(model.predict_matrix(model.matrix_from_arrow(table)))
+            values = [answer_value(task, a) for a in answers]
+            data = {f: table.column(f) for f in features}
+            data[PREDICTION] = pa.array(values, pa.string() if task == "classify" else pa.float64())
+        elif getattr(model, "target", None) in frame.columns:
+            target = pd.to_numeric(frame[model.target], errors="coerce").to_numpy(dtype=float)
+            data = {"target": target, PREDICTION: target}
+        else:
+            return None
+        return orjson.loads(build_profile(data, seed=seed).to_json())
+    except Exception as err:  # noqa: BLE001 - drift checks lose their reference, training goes on
+        logging.getLogger("iot2ml.ml").warning("no reference profile for this run: %s: %s", type(err).__name__, err)
+        return None
 
 
 def trained_until(frame: pd.DataFrame, column: str = "ts") -> pd.Timestamp | None:

@@ -14,7 +14,10 @@ One ``ServingRuntime`` per process answers REST (``serve/http.py``), MQTT reques
   failure), counted against the variant, and the canary judge rolls a canary back when its error
   rate or latency crosses the deployment's thresholds, or promotes it when the bake time passes;
 - every answered instance is a row of the ``prediction_log`` table (request id, model, version,
-  variant, latency, inputs hash, the answer), flushed to the lake every second.
+  variant, latency, inputs hash, the answer), flushed to the lake every second;
+- a sample of what each model received and answered (``capture_sample``, at most
+  ``capture_max_per_second`` per model) is a row of ``model_inputs`` (``InputCapture``), which the
+  monitor's drift reports compare with the version's training data.
 """
 
 from __future__ import annotations
@@ -330,6 +333,89 @@ class PredictionLog:
         return len(rows)
 
 
+class InputCapture:
+    """Rows of ``model_inputs``: a sample of the instances each model received and what it answered
+    (REST, MQTT and streamed rows alike), appended to the lake every second from a bounded buffer.
+
+    Of the ``n`` instances of one answer, a ``sample`` share is drawn (binomially, then uniformly which)
+    and at most ``per_second`` per model and wall-clock second are kept (the rest count as ``capped``);
+    a full buffer counts ``dropped``. Only the kept instances are turned into JSON (a streamed table's
+    other rows never are), and a failure here is counted (``failed``), never raised to the caller.
+    """
+
+    MAX_PENDING = 100_000
+
+    def __init__(self, lake: Any | None, *, sample: float, per_second: int) -> None:
+        self.lake = lake if sample > 0 and per_second > 0 else None
+        self.sample, self.per_second = sample, per_second
+        self._rows: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+        self._used: dict[str, tuple[int, int]] = {}  # model -> (second, instances kept in it)
+        self._app = f"iot2ml-capture-{uuid.uuid4().hex[:12]}"
+        self._seq = 0
+        self._draw = random.Random()
+        self.capped = self.dropped = self.failed = self.written = 0
+
+    def choose(self, name: str, n: int) -> list[int]:
+        """Which of ``n`` instances answered by ``name`` now to keep (sorted positions)."""
+        if self.lake is None or n <= 0:
+            return []
+        if self.sample >= 1.0:
+            k = n
+        else:
+            import numpy as np
+
+            k = int(np.random.default_rng(self._draw.getrandbits(64)).binomial(n, self.sample))
+        second = int(time.time())
+        with self._lock:
+            at, used = self._used.get(name, (second, 0))
+            if at != second:
+                used = 0
+            keep = min(k, self.per_second - used)
+            self._used[name] = (second, used + max(keep, 0))
+            self.capped += k - max(keep, 0)
+        if keep <= 0:
+            return []
+        return list(range(n)) if keep == n else sorted(self._draw.sample(range(n), keep))
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        with self._lock:
+            room = self.MAX_PENDING - len(self._rows)
+            if room < len(rows):
+                self.dropped += len(rows) - max(room, 0)
+                rows = rows[:max(room, 0)]
+            self._rows.extend(rows)
+
+    def flush(self) -> int:
+        import pyarrow as pa
+
+        from ..core.tables import MODEL_INPUTS, MODEL_INPUTS_SCHEMA
+
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if not rows or self.lake is None:
+            return 0
+        cols = list(zip(*rows))
+        table = pa.table([pa.array(c, f.type) for c, f in zip(cols, MODEL_INPUTS_SCHEMA)], schema=MODEL_INPUTS_SCHEMA)
+        self._seq += 1
+        try:
+            self.lake.append(MODEL_INPUTS, table, app_id=self._app, version=self._seq)
+        except Exception as err:  # noqa: BLE001 - keep the rows for the next try, within the bound
+            log.warning("model_inputs append failed (%s); retrying with the next flush", err)
+            with self._lock:
+                self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
+            return 0
+        self.written += len(rows)
+        return len(rows)
+
+    def describe(self) -> dict[str, int]:
+        return {"written": self.written, "capped": self.capped, "dropped": self.dropped, "failed": self.failed}
+
+
+def _plain_json(value: Any) -> Any:
+    return str(value)
+
+
 def inputs_hash(instance: dict[str, Any]) -> str:
     return hashlib.blake2b(orjson.dumps(instance, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
 
@@ -375,6 +461,7 @@ class ServingRuntime:
                                 executor=self.executor, max_batch=settings.serve_max_batch)
         self.stats = VariantStats()
         self.plog = PredictionLog(lake if settings.serve_log_predictions else None)
+        self.capture = InputCapture(lake, sample=settings.capture_sample, per_second=settings.capture_max_per_second)
         self._specs: dict[str, Deployment] = {}
         self._versions: dict[tuple[str, str], int] = {}  # (name, ref) -> version in force
         self._canary_clock: dict[tuple[str, int], float] = {}  # (name, generation) -> monotonic start
@@ -414,7 +501,9 @@ class ServingRuntime:
                 log.exception("serving background step %s failed", getattr(step, "__name__", step))
 
     async def _flush(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.plog.flush)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(loop.run_in_executor(None, self.plog.flush),
+                             loop.run_in_executor(None, self.capture.flush))
 
     # ---- deployments -------------------------------------------------------------------
     async def _resolve(self, name: str, ref: str) -> int:
@@ -632,6 +721,7 @@ class ServingRuntime:
 
         cols = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         self._record(name, variant, started, ok=True, version=version)
+        self._capture_table(name, variant, version, loaded, part, devices, index, source, cols["answers"])
         if self.plog.lake is not None:
             now = datetime.now(UTC)
             latency = (time.perf_counter() - started) * 1000.0
@@ -672,9 +762,71 @@ class ServingRuntime:
         if ok:
             _metrics().latency.labels(name, variant.label).observe(latency / 1000.0)
 
+    # ---- capture for drift (model_inputs) ---------------------------------------------
+    @staticmethod
+    def _capture_shape(loaded: Loaded) -> tuple[frozenset[str], str | None]:
+        """The fields an instance of ``loaded`` carries for the model, and the model's entity column."""
+        from ..ml.jobs import entity_column
+
+        inputs = getattr(loaded.predictor, "inputs", None) or {}
+        return frozenset(inputs.get("fields", ())), entity_column(loaded.predictor.model)
+
+    def _capture(self, name: str, variant: Variant, version: int, instances: list[dict[str, Any]],
+                 predictions: list[Any], request_id: str, source: str, key: str | None) -> None:
+        """Keep a sample of answered REST/MQTT instances (see ``InputCapture``); never raises."""
+        try:
+            chosen = self.capture.choose(name, len(instances))
+            if not chosen:
+                return
+            loaded = self.cache.peek(name, version)
+            if loaded is None:
+                return
+            fields, entity = self._capture_shape(loaded)
+            now = datetime.now(UTC)
+            dumps = orjson.dumps
+            rows = []
+            for i in chosen:
+                item = instances[i]
+                device = item.get("device_id", key)
+                ent = item.get(entity) if entity else None
+                rows.append((now, name, version, variant.label, source, None if device is None else str(device),
+                             None if ent is None else str(ent),
+                             request_id if len(instances) == 1 else f"{request_id}/{i}",
+                             dumps({k: v for k, v in item.items() if k in fields}, default=_plain_json).decode(),
+                             dumps(predictions[i], default=_plain_json).decode()))
+            self.capture.add(rows)
+        except Exception as err:  # noqa: BLE001 - capture never fails a prediction
+            self.capture.failed += 1
+            log.debug("capture of %s failed: %s", name, err)
+
+    def _capture_table(self, name: str, variant: Variant, version: int, loaded: Loaded, part: Any,
+                       devices: list[Any], index: list[int], source: str, answers: list[Any]) -> None:
+        """Keep a sample of streamed rows: only the chosen rows are turned into JSON; never raises."""
+        try:
+            chosen = self.capture.choose(name, part.num_rows)
+            if not chosen:
+                return
+            fields, entity = self._capture_shape(loaded)
+            sub = part.take(chosen)
+            records = sub.select([c for c in sub.column_names if c in fields]).to_pylist()
+            ents = sub.column(entity).to_pylist() if entity and entity in sub.column_names else [None] * len(chosen)
+            seqs = sub.column("_seq").to_pylist() if "_seq" in sub.column_names else [None] * len(chosen)
+            now = datetime.now(UTC)
+            dumps = orjson.dumps
+            self.capture.add([
+                (now, name, version, variant.label, source, devices[index[i]], None if e is None else str(e),
+                 f"{source}:{name}:{seq}", dumps(r, default=_plain_json).decode(),
+                 dumps(answers[i], default=_plain_json).decode())
+                for i, r, e, seq in zip(chosen, records, ents, seqs)])
+        except Exception as err:  # noqa: BLE001 - capture never fails a prediction
+            self.capture.failed += 1
+            log.debug("capture of streamed %s rows failed: %s", name, err)
+
     def _log(self, name: str, variant: Variant, version: int | None, instances: list[dict[str, Any]],
              predictions: list[Any] | None, started: float, request_id: str, source: str, key: str | None,
              error: str | None) -> None:
+        if predictions is not None and version is not None and error is None:
+            self._capture(name, variant, version, instances, predictions, request_id, source, key)
         if self.plog.lake is None:
             return
         now = datetime.now(UTC)
