@@ -39,7 +39,7 @@ SUBSTITUTIONS: dict[str, dict[str, str]] = {
 }
 """Per guide, text replaced in its bash blocks before they run."""
 
-SLOW = {"serving-rest-forecast.md", "serving-streaming-promotion.md", "pollution.md"}
+SLOW = {"serving-rest-forecast.md", "serving-streaming-promotion.md", "pollution.md", "monitoring.md"}
 BLOCK_TIMEOUT = 240.0
 WORKERS = int(os.environ.get("IOT2ML_TEST_GUIDE_WORKERS", "3"))
 """Guides run at once (each with its own platform)."""

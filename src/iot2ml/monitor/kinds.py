@@ -94,6 +94,9 @@ class RuleKind:
     selector: str  # the spec key (CLI flag without dashes, '-' as '_') that picks this kind
     define_path: str  # "module:function" under iot2ml.monitor
     evaluator_path: str
+    #: The state of an evaluation without data (Grafana's option): a threshold over an empty window is
+    #: NoData (an alerting state); a model that nothing was captured or labelled for yet is Normal.
+    no_data_state: str = "NoData"
 
     def define(self, spec: Mapping[str, Any], ctx: Context, window: float) -> Definition:
         return _load(self.define_path)(dict(spec), ctx, window)
@@ -114,9 +117,9 @@ KINDS: dict[str, RuleKind] = {k.name: k for k in (
     RuleKind("range", "range", "quality:define_range", "quality:range_evaluator"),
     RuleKind("dead_letters", "dead_letter_rate", "quality:define_dead_letters", "quality:dead_letters_evaluator"),
     RuleKind("schema", "schema_changes", "quality:define_schema", "quality:schema_evaluator"),
-    RuleKind("drift", "drift", "report:define_drift", "report:drift_evaluator"),
-    RuleKind("metric", "metric", "live:define_metric", "live:metric_evaluator"),
-    RuleKind("anomaly", "anomaly", "live:define_anomaly", "live:anomaly_evaluator"),
+    RuleKind("drift", "drift", "report:define_drift", "report:drift_evaluator", "Normal"),
+    RuleKind("metric", "metric", "live:define_metric", "live:metric_evaluator", "Normal"),
+    RuleKind("anomaly", "anomaly", "live:define_anomaly", "live:anomaly_evaluator", "Normal"),
 )}
 """Every kind of alert rule by name."""
 

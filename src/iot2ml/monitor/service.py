@@ -34,7 +34,7 @@ from ..core.storage import TableStore
 from ..core.tables import ALERTS
 from .dispatch import Dispatcher
 from .grouping import AlertEngine, Route, Silence
-from .kinds import Context, Evaluator, kind_of
+from .kinds import KINDS, Context, Evaluator, kind_of
 from .rules import EvalError, Result, Rule, StateChange
 from .store import AlertRules, Notifiers, RuleRecord
 
@@ -101,7 +101,8 @@ class _Loaded:
         self.record = record
         self.rule = Rule(name=record.name, severity=record.severity, for_seconds=record.for_,
                          every_seconds=record.every, by=record.by, notify=record.notify,
-                         annotations={"when": record.when, "table": record.table, "kind": record.kind})
+                         annotations={"when": record.when, "table": record.table, "kind": record.kind},
+                         no_data_state=KINDS[record.kind].no_data_state if record.kind in KINDS else "NoData")
         self.next_at = 0.0
         self.evaluator: Evaluator | None = None
         self.error: str | None = None
