@@ -195,3 +195,26 @@ def test_monitor_command_has_the_shared_options():
     assert r.exit_code == 0, r.output
     for flag in ("--data-dir", "--catalog-url", "--host", "--http-port", "--serve-port", "--nats-port"):
         assert flag in r.output
+
+
+def test_a_thousand_devices_breaching_at_once_are_one_notification(settings, receiver):
+    """Issue 9 item 2: 1,000 devices breach in one commit -> one grouped notification with 1,000
+    alerts at the real webhook receiver, and the next notification only when the group changes."""
+    writer = Writer(Lake(settings.lake))
+    now = time.time()
+    devices = [f"p{i:04d}" for i in range(1000)]
+    writer.write(devices[:3], [now - 1] * 3, [1.0] * 3)
+    assert run(settings, "notifiers", "add", "ops", "--webhook", receiver.url + "/hook").exit_code == 0
+    r = run(settings, "alerts", "add", "high-pressure", "--table", "pump", "--when", "max(pressure) > 5", "--by",
+            "device_id", "--window", "1m", "--every", "1s", "--notify", "ops")
+    assert r.exit_code == 0, r.output
+    running = Running(settings)
+    try:
+        writer.write(devices, [time.time()] * 1000, [9.0] * 1000)
+        got = bodies(receiver, wait=6.0)
+    finally:
+        running.close()
+    firing = [b for b in got if b["status"] == "firing"]
+    assert len(firing) == 1, [(b["status"], len(b["alerts"])) for b in got]
+    assert len(firing[0]["alerts"]) == 1000 and firing[0]["groupLabels"] == {"alertname": "high-pressure", "severity": "warning"}
+    assert {a["labels"]["device_id"] for a in firing[0]["alerts"]} == set(devices)
