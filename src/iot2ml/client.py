@@ -85,3 +85,59 @@ class Client:
                        headers={"Authorization": f"Bearer {token}"})
         return int(r["accepted"])
 
+
+    # -- monitoring: notifiers, alert rules, drift reports (the CLI's `notifiers`, `alerts`, `monitor report`)
+    def notifiers(self) -> list[dict[str, Any]]:
+        """Every notifier, secrets masked."""
+        return self._call("GET", "/api/v1/notifiers")
+
+    def add_notifier(self, name: str, *, webhook: str | None = None, slack: str | None = None,
+                     email: str | None = None, smtp: str | None = None, sender: str | None = None,
+                     url: str | None = None) -> dict[str, Any]:
+        """Add a notifier: exactly one of ``webhook`` (Alertmanager v4 body), ``slack``, ``email``
+        (with ``smtp``) or ``url`` (an Apprise URL)."""
+        given = {k: v for k, v in {"webhook": webhook, "slack": slack, "email": email, "apprise": url}.items() if v}
+        if len(given) != 1:
+            raise InvalidInput("give exactly one of webhook=, slack=, email= or url=")
+        (kind, target), = given.items()
+        options = {k: v for k, v in {"smtp": smtp, "sender": sender}.items() if v}
+        return self._call("POST", "/api/v1/notifiers", json={"name": name, "kind": kind, "target": target,
+                                                             "options": options})
+
+    def test_notifier(self, name: str) -> dict[str, Any]:
+        """Send a test notification now; the delivery (``status`` ok or failed, ``error``)."""
+        return self._call("POST", f"/api/v1/notifiers/{name}/test")
+
+    def remove_notifier(self, name: str) -> None:
+        self._call("DELETE", f"/api/v1/notifiers/{name}")
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Every alert rule with its firing alerts (their ``id`` is what ``ack_alert`` takes)."""
+        return self._call("GET", "/api/v1/alerts")
+
+    def add_alert(self, name: str, **rule: Any) -> dict[str, Any]:
+        """Add an alert rule: the CLI's flags as keywords (``-`` as ``_``; ``for_`` for ``--for``), e.g.
+        ``add_alert("hp", table="pump", when="max(pressure) > 5", by=["device_id"], notify=["ops"])`` or
+        ``add_alert("quiet", silent="5m", type="pump")``. Durations are text such as ``"1m"``."""
+        body = {("for" if k == "for_" else k): v for k, v in rule.items() if v is not None}
+        return self._call("POST", "/api/v1/alerts", json={"name": name, **body})
+
+    def alert_history(self, *, rule: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """State changes, newest first: ``{"rule", "state", "labels", "value", "at"}``."""
+        params: dict[str, Any] = {"limit": limit}
+        if rule is not None:
+            params["rule"] = rule
+        return self._call("GET", "/api/v1/alerts/history", params=params)
+
+    def ack_alert(self, id: str) -> dict[str, Any]:  # noqa: A002 - the alert's id, as the API names it
+        return self._call("POST", f"/api/v1/alerts/{id}/ack")
+
+    def silence_alert(self, name: str, *, for_: str = "1h") -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/alerts/{name}/silence", json={"for": for_})
+
+    def remove_alert(self, name: str) -> None:
+        self._call("DELETE", f"/api/v1/alerts/{name}")
+
+    def monitor_report(self, model: str, *, window: str = "1h") -> dict[str, Any]:
+        """Drift per feature, prediction and dataset, and live quality of ``model`` over ``window``."""
+        return self._call("GET", f"/api/v1/monitor/{model}", params={"window": window})

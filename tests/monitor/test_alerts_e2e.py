@@ -218,3 +218,43 @@ def test_a_thousand_devices_breaching_at_once_are_one_notification(settings, rec
     assert len(firing) == 1, [(b["status"], len(b["alerts"])) for b in got]
     assert len(firing[0]["alerts"]) == 1000 and firing[0]["groupLabels"] == {"alertname": "high-pressure", "severity": "warning"}
     assert {a["labels"]["device_id"] for a in firing[0]["alerts"]} == set(devices)
+
+
+def test_the_sdk_covers_notifiers_alerts_and_reports(settings, receiver):
+    """iot2ml.Client's monitoring methods against the real API app (in-process ASGI transport)."""
+    import iot2ml
+    from iot2ml.core.errors import AuthError, InvalidInput, NotFound
+
+    Writer(Lake(settings.lake)).write(["p1"], [time.time()], [1.0])
+    catalog = Catalog(settings.catalog)
+    admin, reader = Keys(catalog).add_key("root", "admin"), Keys(catalog).add_key("viewer", "reader")
+    with TestClient(create_app(settings, catalog=catalog)) as c:
+        sdk, viewer = iot2ml.Client("http://testserver", admin), iot2ml.Client("http://testserver", reader)
+        sdk._http, viewer._http = c, TestClient(c.app)
+        sdk._http.headers["Authorization"] = f"Bearer {admin}"
+        viewer._http.headers["Authorization"] = f"Bearer {reader}"
+        assert sdk.add_notifier("ops", webhook=receiver.url + "/hook")["kind"] == "webhook"
+        with pytest.raises(InvalidInput, match="exactly one"):
+            sdk.add_notifier("two", webhook=receiver.url, slack=receiver.url)
+        assert sdk.test_notifier("ops")["status"] == "ok"
+        assert json.loads(receiver.next(timeout=5)["body"])["version"] == "4"
+        assert [n["name"] for n in viewer.notifiers()] == ["ops"]
+        rule = sdk.add_alert("high-pressure", table="pump", when="max(pressure) > 5", by=["device_id"], for_="30s",
+                             notify=["ops"])
+        assert rule["for"] == 30.0 and rule["kind"] == "threshold"
+        assert sdk.add_alert("quiet", silent="5m", type="pump")["kind"] == "silent"
+        with pytest.raises(InvalidInput, match="--stuck"):
+            sdk.add_alert("stuck", stuck=1, type="pump")
+        with pytest.raises(AuthError):
+            viewer.add_alert("x", silent="5m", type="pump")
+        assert [a["name"] for a in viewer.alerts()] == ["high-pressure", "quiet"]
+        assert viewer.alert_history(rule="quiet") == []
+        assert sdk.silence_alert("quiet", for_="1h")["until"] > time.time() + 3500
+        with pytest.raises(NotFound):
+            sdk.ack_alert("0123456789abcdef")
+        with pytest.raises(NotFound):
+            viewer.monitor_report("no-such-model", window="1h")
+        sdk.remove_alert("quiet")
+        with pytest.raises(NotFound):
+            sdk.remove_alert("quiet")
+    catalog.close()
