@@ -148,6 +148,7 @@ def _serving_state(serving: Serving) -> dict[str, Any]:
     runtime = serving.runtime
     return {"deployments": runtime.describe(), "models_loaded": runtime.cache.describe(),
             "prediction_log": {"written": runtime.plog.written, "dropped": runtime.plog.dropped},
+            "capture": runtime.capture.describe(),
             "process": {"component": serving.component, "pid": os.getpid(), "lazy": runtime.lazy,
                         "judge": runtime.judging}}
 
