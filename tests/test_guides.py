@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from ports import free_ports  # below the ephemeral range: tests/ports.py
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDES = ROOT / "docs" / "guides"
@@ -91,31 +92,6 @@ def shows(output: str, expected: str) -> bool:
     return False
 
 
-_HANDED_OUT: set[int] = set()
-_PORTS_LOCK = threading.Lock()
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` ports free now, below the kernel's ephemeral range (32768-60999 here): a port picked with
-    bind(0) is in that range, where another guide's outgoing connection or listener can take it in the
-    moment before the platform binds it (seen once in CI as nats-server exiting at start)."""
-    import random
-    import socket
-
-    picked: list[int] = []
-    with _PORTS_LOCK:
-        while len(picked) < n:
-            port = random.randrange(20000, 32000)
-            if port in _HANDED_OUT:
-                continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _HANDED_OUT.add(port)
-            picked.append(port)
-    return picked
 
 
 class Session:

@@ -8,7 +8,6 @@ import email
 import email.policy
 import json
 import queue
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from ports import free_port  # below the ephemeral range: tests/ports.py
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -40,10 +40,6 @@ from iot2ml.monitor.notifiers import test_notification
 from iot2ml.monitor.rules import ZERO_TIME, Rule, Sample, fingerprint
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HTTPReceiver:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from ports import free_port  # below the ephemeral range: tests/ports.py
 
 from iot2ml.auth.store import Keys
 from iot2ml.core.catalog import Catalog
@@ -103,10 +103,6 @@ class Served:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:
