@@ -1,28 +1,51 @@
-"""Anomaly detection on device readings: IsolationForest with a calibrated threshold, river for streams.
+"""Anomaly detection on device readings: candidate methods chosen per training, river for streams.
 
 How ``AnomalyTask.fit`` works:
 
 - Each device's readings are standardised with that device's median and robust spread (IQR / 1.349),
   because pumps differ in their normal pressure and flow; a device unseen at fit time is standardised
   with its own readings in the frame to score (at least ``MIN_OWN_ROWS``), else with the fleet's.
-- An IsolationForest scores every reading (``score`` = minus sklearn's ``score_samples``: higher is
-  more anomalous). The threshold is calibrated on the training readings: with ``contamination`` it
-  is their ``1 - contamination`` score quantile (about that share is flagged); without it and with
-  labels, the quantile (between the median and the 99.9th percentile) whose flags have the best
-  event F1 against the training labels; with neither, the ``1 - DEFAULT_CONTAMINATION`` quantile.
-  (The quantile at the label rate is a poor default: labelled episodes include their faint
-  beginnings, which score like normal noise, so that threshold cuts into the noise and raises many
-  short false alarms.)
-- Evaluation holds out the last ``HOLDOUT`` of each device's readings in time; scaling, forest and
-  threshold are fitted on the first part only. The baseline flags a reading whose value is more than
-  ``ZSCORE_LIMIT`` rolling standard deviations from the rolling mean of the previous
-  ``ZSCORE_WINDOW`` readings of that device, on any feature.
+- Candidates (``methods``, all of ``METHODS`` by default; see ``_anomaly_methods``): ``point``
+  (IsolationForest over each reading: level anomalies), ``window`` (IsolationForest over rolling
+  level, spread, departure, slope and difference of the last ``window`` readings: drifts, bursts),
+  ``residual`` (residuals of a seasonal naive forecast with the recent level: a reading wrong for its
+  time in the cycle) and ``discord`` (left matrix profile of the subsequence ending at the reading:
+  shape anomalies). The ``window`` is the period the training readings show (autocorrelation peak,
+  clipped to ``MIN_WINDOW``..``MAX_WINDOW``), else ``DEFAULT_WINDOW``. With less than
+  ``max(MIN_HISTORY, 5 * window)`` training readings per device only ``point`` is a candidate. Every
+  score reads the reading and its past only; higher is more anomalous.
+- Thresholds: each method's is calibrated on its training scores: with ``contamination`` their
+  ``1 - contamination`` quantile (about that share is flagged); without it and with labels, the
+  quantile (between the median and the 99.9th percentile) whose flags have the best event F1 against
+  the training labels; with neither, the ``1 - DEFAULT_CONTAMINATION`` quantile. (The quantile at the
+  label rate is a poor default: labelled episodes include their faint beginnings, which score like
+  normal noise, so that threshold cuts into the noise and raises many short false alarms.)
+- Choice (on up to ``SELECTION_DEVICES`` devices drawn with ``seed``): each candidate is fitted on
+  the first part of each device's readings and scored on the last ``HOLDOUT`` (in time, after its
+  device's earlier readings). With labels and a labelled event in that holdout: the best event F1
+  there (``holdout_event_f1``); with labels only in the first part: their event F1
+  (``training_event_f1``); without labels: anomalies of several kinds (spike, level shift, stuck
+  sensor, noise burst, reversed stretch, wrong phase) are injected into copies of the held-out
+  readings and each candidate gets the mean over the injected stretches of the share of the other
+  held-out readings scoring below the stretch's top score (``injected_event_rank``: threshold-free,
+  1 = every injected anomaly outranks every other reading). Injection rather than agreement between
+  methods because agreement rewards the methods that see the same (level) anomalies and says
+  nothing about shape or context ones; the real readings' own anomalies only lower every
+  candidate's figure alike. A tie goes to the simpler method (``METHODS`` order). The chosen method,
+  its window, the period, the criterion and each candidate's figure are ``TrainResult.params``.
+- Evaluation: the chosen method fitted on the first part of every device and scored on the holdout,
+  against the baseline, which flags a reading whose value is more than ``ZSCORE_LIMIT`` rolling
+  standard deviations from the rolling mean of the previous ``ZSCORE_WINDOW`` readings of that
+  device, on any feature (its score: the largest ``|z|``).
 - With labels (boolean or 0/1; empty counts as normal): point precision/recall/F1 and event-level
   figures. An event is a contiguous run of true anomalies of one device, detected when any reading in
   it is flagged; event precision is the share of flagged runs that overlap a true event. The primary
   metric is ``event_f1``. An empty denominator gives 0. Without labels the only figure is the
-  holdout's ``flagged_rate`` (lower is better).
-- The returned model is refit on all rows, its threshold calibrated by the same rule.
+  holdout's ``flagged_rate`` (lower is better). ``ucr_hit`` is the UCR archive's rule for a series
+  with one anomaly (the top score within 100 readings of it).
+- The returned model is the chosen method refit on all rows, its threshold calibrated by the same
+  rule; it keeps each device's last ``context`` standardised readings so that serving scores a single
+  new reading in its context (``AnomalyModel``).
 - ``compare`` (for promotion) scores the holdout flags above and the champion's flags on the
   holdout readings newer than the champion's training data (at least ``min_holdout``, default 50).
 
@@ -32,16 +55,17 @@ scaling, one model per device).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import IsolationForest
 
 from iot2ml.core.errors import InvalidInput
 
+from . import _anomaly_methods as _methods
 from .base import (
     HOLDOUT_PREDICTIONS,
     NoFairHoldout,
@@ -57,7 +81,7 @@ from .base import (
 )
 from .base import require_columns as _missing
 
-__all__ = ["AnomalyModel", "AnomalyTask", "OnlineAnomalyScorer"]
+__all__ = ["AnomalyModel", "AnomalyTask", "OnlineAnomalyScorer", "ucr_hit"]
 
 DEFAULT_CONTAMINATION = 0.01
 """Share of readings flagged when there are no labels to take the rate from."""
@@ -69,11 +93,25 @@ ZSCORE_LIMIT = 3.0
 """The baseline flags ``|z|`` above this on any feature."""
 MIN_OWN_ROWS = 30
 """An unseen device needs this many readings in the scored frame to be standardised on its own."""
-N_TREES = 200
+N_TREES = _methods.N_TREES
 THRESHOLD_CANDIDATES = 200
 """Score quantiles tried when the threshold is tuned on labels."""
-
-
+METHODS = ("point", "window", "residual", "discord")
+"""Candidate methods, simplest first (a tie goes to the simpler)."""
+DEFAULT_WINDOW = 30
+"""Window (readings) when the training readings show no period."""
+MIN_WINDOW, MAX_WINDOW = 8, 64
+"""A detected period is clipped to this range to make the window (at most 64: a causal score peaks
+within a window after a short event, and the UCR rule allows 100 readings)."""
+INJECTION_ROUNDS, MIN_INJECTED = 5, 20
+"""Without labels, copies of the held-out readings get injected anomalies until this many stretches
+(at most that many copies, each starting the kinds at the next one)."""
+MIN_HISTORY = 500
+"""Training readings (median per device; and 5 windows) the context methods need to be candidates:
+with fewer, the window forest and the discord reference have too few normal windows to learn from,
+and only the point-wise model is fitted."""
+SELECTION_DEVICES = 16
+"""Devices (drawn with ``seed``) on which the candidates are compared."""
 
 
 def _values(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
@@ -136,31 +174,87 @@ def _groups(keys: np.ndarray) -> dict[Any, np.ndarray]:
 class AnomalyModel:
     """A fitted detector: ``predict`` gives ``<entity>``, ``ts``, ``score`` and ``is_anomaly`` per reading.
 
-    Every channel builds the matrix here (the readings standardised per device, see the module
-    docstring): ``predict(frame)``, ``matrix_from_records`` (REST, MQTT; a device unseen in training
-    is standardised with its own readings in the same request when it has ``MIN_OWN_ROWS``, else
-    with the fleet's) and ``matrix_from_arrow`` (streaming: the rows of one commit), then
-    ``predict_matrix`` (the scores) and ``answers``.
+    ``method`` (``point``, ``window``, ``residual`` or ``discord``, see ``_anomaly_methods``) scores a
+    reading from it and the ``context`` readings of its device before it. Every channel builds the
+    matrix here: ``predict(frame)`` (batch: each device's rows in time order, after the device's last
+    training readings), ``matrix_from_records`` (REST, MQTT: records in arrival order) and
+    ``matrix_from_arrow`` (streaming: the rows of one commit), then ``predict_matrix`` and ``answers``.
+    The online two keep, per device, the last ``context`` readings they scored (starting from the
+    training tail), so a single new reading is scored in its context; a point model keeps nothing.
+    Readings are standardised per device (a device unseen in training with its own readings in the
+    same request when it has ``MIN_OWN_ROWS``, else with the fleet's).
     """
 
     entity: str
     features: list[str]
     scaler: _DeviceScaler
-    forest: IsolationForest
+    method: Any
     threshold: float
     flagged_rate: float  # share of the training readings above the threshold
+    tail: dict[Any, np.ndarray] = field(default_factory=dict, repr=False)
+    """Each device's last ``context`` standardised training readings: batch scoring's context."""
+    _recent: dict[Any, np.ndarray] = field(default_factory=dict, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_recent"] = {}  # a loaded model starts from the training tail
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "method" not in state:  # pickled before the window methods: a point-wise forest
+            method = _methods.PointForest()
+            method.forest = state.pop("forest")
+            state = {**state, "method": method, "tail": {}, "_recent": {}}
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """The method's name: ``point``, ``window``, ``residual`` or ``discord``."""
+        return str(self.method.name)
+
+    @property
+    def context(self) -> int:
+        """Earlier readings of the device that one reading's score reads."""
+        return int(self.method.context)
 
     def _takes(self) -> str:
         return f"{', '.join(self.features)} and {self.entity!r}"
 
     def describe_inputs(self) -> dict[str, Any]:
-        """``task``, ``fields`` a record holds (the features and the entity), ``features``, ``entity``."""
+        """``task``, ``fields`` a record holds (the features and the entity), ``features``, ``entity``,
+        ``method`` and ``context`` (readings per device the model keeps to score the next one)."""
         return {"task": "anomaly", "fields": [*self.features, self.entity], "features": list(self.features),
-                "entity": self.entity}
+                "entity": self.entity, "method": self.name, "context": self.context}
+
+    def _matrix(self, keys: np.ndarray, z: np.ndarray, *, remember: bool) -> np.ndarray:
+        """Matrix rows of standardised readings ``z`` (each device's in time order), each after its
+        device's context: the kept recent readings (``remember``: and keep the newest) or the tail."""
+        method, context = self.method, self.context
+        if context == 0 or not len(z):
+            return method.rows(None, z, 0)
+        out: np.ndarray | None = None
+        with self._lock:
+            for key, idx in _groups(keys).items():
+                before = (self._recent.get(key, self.tail.get(key)) if remember else self.tail.get(key))
+                if before is None:
+                    before = np.empty((0, z.shape[1]))
+                whole = np.vstack([before, z[idx]])
+                rows = method.rows(key, whole, len(before))
+                if out is None:
+                    out = np.empty((len(z), rows.shape[1]))
+                out[idx] = rows
+                if remember:
+                    self._recent[key] = whole[-context:].copy()
+        assert out is not None
+        return out
 
     def matrix_from_records(self, records: Records, *, ignore: Collection[str] = ()) -> np.ndarray:
-        """The standardised readings of JSON records, one row each; ``ignore``: fields a record may
-        carry that the model does not read. Errors name ``instances[i].field``."""
+        """The model rows of JSON records (in arrival order, each after its device's recent readings,
+        which it then joins); ``ignore``: fields a record may carry that the model does not read.
+        Errors name ``instances[i].field``."""
         accepted = {*self.features, self.entity}
         required = [*self.features, self.entity]
         keys = np.empty(len(records), dtype=object)
@@ -169,24 +263,34 @@ class AnomalyModel:
             check_record(i, record, accepted, ignore, required, self._takes())
             keys[i] = record[self.entity]
             values[i] = [record_number(record[f], i, f) for f in self.features]
-        return self.scaler.transform(keys, values)
+        return self._matrix(keys, self.scaler.transform(keys, values), remember=True)
 
     def matrix_from_arrow(self, table: Any) -> np.ndarray:
-        """The standardised readings of an Arrow table's rows (columns it does not read are ignored)."""
+        """The model rows of an Arrow table's rows (in order, as ``matrix_from_records``; columns it
+        does not read are ignored)."""
         require_arrow_columns(table, [*self.features, self.entity], self._takes())
         keys = np.array(table.column(self.entity).to_pylist(), dtype=object)
         values = np.column_stack([arrow_floats(table, f) for f in self.features]) if table.num_rows \
             else np.empty((0, len(self.features)))
-        return self.scaler.transform(keys, values)
+        return self._matrix(keys, self.scaler.transform(keys, values), remember=True)
 
     def matrix_from_frame(self, frame: pd.DataFrame) -> np.ndarray:
-        """The standardised readings of a frame's rows."""
+        """The model rows of a frame's rows (each device's in ``ts`` order after its training tail;
+        nothing is kept)."""
         _missing(frame, [self.entity, *self.features], "anomaly input")
-        return self.scaler.transform(frame[self.entity].to_numpy(), _values(frame, self.features))
+        keys = frame[self.entity].to_numpy()
+        z = self.scaler.transform(keys, _values(frame, self.features))
+        if self.context == 0 or "ts" not in frame.columns:
+            return self._matrix(keys, z, remember=False)
+        order = np.lexsort((pd.to_datetime(frame["ts"], utc=True).to_numpy(), pd.factorize(keys)[0]))
+        out = self._matrix(keys[order], z[order], remember=False)
+        unsorted = np.empty_like(out)
+        unsorted[order] = out
+        return unsorted
 
     def predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
         """Anomaly score per row (higher = more anomalous)."""
-        return -self.forest.score_samples(matrix) if len(matrix) else np.empty(0)
+        return self.method.score(matrix) if len(matrix) else np.empty(0)
 
     def answers(self, raw: np.ndarray) -> list[dict[str, Any]]:
         """``{"prediction": flagged, "score": score}`` per score."""
@@ -209,21 +313,176 @@ class AnomalyModel:
                              "score": scores, "is_anomaly": scores > self.threshold}, index=frame.index)
 
 
-def _fit_model(frame: pd.DataFrame, entity: str, features: list[str], *, contamination: float | None,
-               truth: np.ndarray | None, seed: int) -> AnomalyModel:
-    """Fit scaling, forest and threshold on ``frame`` (sorted by device, then time)."""
-    keys, values = frame[entity].to_numpy(), _values(frame, features)
-    scaler = _DeviceScaler.fit(keys, values)
-    forest = IsolationForest(n_estimators=N_TREES, max_samples=min(256, len(frame)), random_state=seed, n_jobs=1)
-    z = scaler.transform(keys, values)
-    forest.fit(z)
-    scores = -forest.score_samples(z)
+@dataclass
+class _Series:
+    """Standardised readings sorted by device then time, with what selection needs."""
+
+    keys: np.ndarray
+    z: np.ndarray
+    truth: np.ndarray | None
+    groups: dict[Any, np.ndarray]  # row positions per device, in time order
+
+    def per_device(self, devices: list[Any], mask: np.ndarray | None = None) -> dict[Any, np.ndarray]:
+        return {k: self.z[self._pick(k, mask)] for k in devices}
+
+    def _pick(self, key: Any, mask: np.ndarray | None) -> np.ndarray:
+        idx = self.groups[key]
+        return idx if mask is None else idx[mask[idx]]
+
+
+@dataclass
+class _Fitted:
+    """One candidate fitted on some devices' readings: the method, its threshold and rule."""
+
+    method: Any
+    threshold: float
+    rule: str
+    flagged_rate: float
+
+
+def _calibrate(scores: np.ndarray, truth: np.ndarray | None, keys: np.ndarray,
+               contamination: float | None) -> tuple[float, str]:
+    """The threshold (module docstring) and the rule that chose it."""
     if contamination is None and truth is not None and truth.any():
-        threshold = _best_threshold(scores, truth, keys)
+        return _best_threshold(scores, truth, keys), "best_event_f1"
+    return float(np.quantile(scores, 1.0 - (contamination or DEFAULT_CONTAMINATION))), "quantile"
+
+
+def _fit_method(name: str, series: _Series, devices: list[Any], mask: np.ndarray | None, *, window: int,
+                period: int | None, contamination: float | None, seed: int) -> _Fitted:
+    """Fit method ``name`` on ``devices``' readings (``mask``: only those rows) and calibrate its threshold
+    on the training rows it scores (the discord method: each device's reference)."""
+    method = _methods.make(name, window, period)
+    per_device = series.per_device(devices, mask)
+    scores = method.score(method.fit(per_device, seed))
+    covered = [series._pick(k, mask)[-method.covers(len(z)):] if len(z) else np.empty(0, int)
+               for k, z in per_device.items()]
+    rows = np.concatenate(covered) if covered else np.empty(0, int)
+    truth = series.truth[rows] if series.truth is not None else None
+    threshold, rule = _calibrate(scores, truth, series.keys[rows], contamination)
+    return _Fitted(method, threshold, rule, float((scores > threshold).mean()) if len(scores) else 0.0)
+
+
+def _score_after(fitted: _Fitted, series: _Series, devices: list[Any], train: np.ndarray,
+                 z: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of ``devices``' rows outside ``train`` (each after its device's training readings), and
+    their positions. ``z``: readings to use instead of ``series.z`` (injected anomalies)."""
+    z = series.z if z is None else z
+    scores, where = [], []
+    for key in devices:
+        idx = series.groups[key]
+        start = int(train[idx].sum())
+        scores.append(fitted.method.score(fitted.method.rows(key, z[idx], start)))
+        where.append(idx[start:])
+    return np.concatenate(scores), np.concatenate(where)
+
+
+def _inject(series: _Series, devices: list[Any], train: np.ndarray, *, window: int, period: int | None,
+            seed: int, first_kind: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of the standardised readings with anomalies injected into each device's held-out
+    readings (one feature at a time, at least two stretches apart), and their labels. The kinds
+    cycle: a spike (+6 robust sd, one reading), a level shift (+3 over ``window``), a stuck sensor
+    (the value frozen over ``window``), a noise burst (deviations from the local mean x3 plus 1 sd
+    of noise), a reversed stretch (the same values in reverse order: a change of shape within the
+    normal range) and, with a period, a wrong-phase segment (the readings of half a period earlier).
+    Stretches are ``window`` long, or a quarter of the held-out readings when that is shorter."""
+    rng = np.random.default_rng(seed)
+    z, labels = series.z.copy(), np.zeros(len(series.z), dtype=bool)
+    kinds = ["spike", "shift", "stuck", "noise", "reverse"] + (["phase"] if period else [])
+    k = first_kind
+    for key in devices:
+        idx = series.groups[key]
+        start, n = int(train[idx].sum()), len(idx)
+        span = max(1, min(window, (n - start) // 4))
+        gap = 2 * span
+        position = start + span // 2 + int(rng.integers(0, max(1, span // 2)))
+        while position + span < n:
+            kind = kinds[k % len(kinds)]
+            k += 1
+            feature = int(rng.integers(0, z.shape[1]))
+            length = 1 if kind == "spike" else span
+            rows = idx[position:position + length]
+            col = z[rows, feature]
+            if kind == "spike":
+                z[rows, feature] = col + 6.0
+            elif kind == "shift":
+                z[rows, feature] = col + 3.0
+            elif kind == "stuck":
+                z[rows, feature] = col[0]
+            elif kind == "reverse":
+                z[rows, feature] = col[::-1]
+            elif kind == "noise":
+                z[rows, feature] = col.mean() + 3.0 * (col - col.mean()) + rng.normal(0, 1.0, len(col))
+            elif period:
+                source = idx[position - period // 2:position - period // 2 + length]
+                z[rows, feature] = z[source, feature]
+            labels[rows] = True
+            position += length + gap + int(rng.integers(0, gap))
+    return z, labels
+
+
+def _event_rank(scores: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> float:
+    """Mean over the labelled events of the share of unlabelled readings scoring below the event's
+    highest score (1: every event outscores every other reading; threshold-free)."""
+    runs = _runs(labels, keys)
+    if runs.max(initial=-1) < 0 or labels.all():
+        return 0.0
+    tops = np.full(int(runs.max()) + 1, -np.inf)
+    np.maximum.at(tops, runs[runs >= 0], scores[runs >= 0])
+    clean = np.sort(scores[~labels])
+    return float((np.searchsorted(clean, tops, side="left") / len(clean)).mean())
+
+
+def _default_window(period: int | None) -> int:
+    return int(np.clip(period, MIN_WINDOW, MAX_WINDOW)) if period else DEFAULT_WINDOW
+
+
+def _select(series: _Series, holdout: np.ndarray, *, candidates: list[str], contamination: float | None,
+            seed: int) -> tuple[str, int, int | None, str, dict[str, float]]:
+    """The chosen method, its window, the period, the criterion and every candidate's figure
+    (module docstring), judged on up to ``SELECTION_DEVICES`` devices."""
+    devices = list(series.groups)
+    if len(devices) > SELECTION_DEVICES:
+        pick = np.random.default_rng(seed).choice(len(devices), SELECTION_DEVICES, replace=False)
+        devices = [devices[i] for i in sorted(pick)]
+    train = ~holdout
+    period = _methods.detect_period(series.per_device(devices, train))
+    window = _default_window(period)
+    history = float(np.median([int(train[series.groups[k]].sum()) for k in devices]))
+    if history < max(MIN_HISTORY, 5 * window):  # too little history to learn what a normal window is
+        candidates = [n for n in candidates if n == "point"] or candidates
+    rows = np.concatenate([series.groups[k] for k in devices])
+    truth = series.truth
+    if truth is not None and truth[rows][holdout[rows]].any():
+        criterion, z, labels = "holdout_event_f1", None, truth
+    elif truth is not None and truth[rows].any():
+        criterion = "training_event_f1"
     else:
-        threshold = float(np.quantile(scores, 1.0 - (contamination or DEFAULT_CONTAMINATION)))
-    return AnomalyModel(entity=entity, features=features, scaler=scaler, forest=forest, threshold=threshold,
-                        flagged_rate=float((scores > threshold).mean()))
+        criterion = "injected_event_rank"
+        injected = []
+        while len(injected) < INJECTION_ROUNDS and sum(int(_runs(lab, series.keys).max(initial=-1)) + 1
+                                                       for _, lab in injected) < MIN_INJECTED:
+            injected.append(_inject(series, devices, train, window=window, period=period,
+                                    seed=seed + len(injected), first_kind=len(injected)))
+    figures: dict[str, float] = {}
+    for name in candidates:
+        fitted = _fit_method(name, series, devices, train, window=window, period=period,
+                             contamination=contamination, seed=seed)
+        if criterion == "injected_event_rank":
+            ranks = []
+            for z, labels in injected:
+                scores, where = _score_after(fitted, series, devices, train, z)
+                ranks.append(_event_rank(scores, labels[where], series.keys[where]))
+            figures[name] = float(np.mean(ranks))
+            continue
+        if criterion == "training_event_f1":
+            scores, where = _score_after(fitted, series, devices, np.zeros_like(train))
+        else:
+            scores, where = _score_after(fitted, series, devices, train, z)
+        truth_here = (labels if criterion != "training_event_f1" else truth)[where]
+        figures[name] = evaluate_flags(scores > fitted.threshold, truth_here, series.keys[where])["event_f1"]
+    best = max(candidates, key=lambda n: (figures[n], -candidates.index(n)))  # ties: the simpler
+    return best, window, period, criterion, figures
 
 
 def _best_threshold(scores: np.ndarray, truth: np.ndarray, keys: np.ndarray) -> float:
@@ -235,10 +494,11 @@ def _best_threshold(scores: np.ndarray, truth: np.ndarray, keys: np.ndarray) -> 
     return float(candidates[best])
 
 
-def zscore_flags(frame: pd.DataFrame, *, entity: str, features: list[str], window: int = ZSCORE_WINDOW,
-                 limit: float = ZSCORE_LIMIT) -> np.ndarray:
-    """The baseline: flag readings beyond ``limit`` rolling standard deviations of the previous
-    ``window`` readings of their device, on any feature. ``frame`` must be sorted by device, then time."""
+def zscore_scores(frame: pd.DataFrame, *, entity: str, features: list[str], window: int = ZSCORE_WINDOW
+                  ) -> np.ndarray:
+    """The baseline's score: the largest ``|z|`` over the features, ``z`` against the rolling mean and
+    standard deviation of the previous ``window`` readings of the device (0 where undefined).
+    ``frame`` must be sorted by device, then time."""
     keys = frame[entity].astype(object)
     values = pd.DataFrame(_values(frame, features), columns=features, index=frame.index)
     past = values.groupby(keys, sort=False).shift(1)
@@ -247,7 +507,24 @@ def zscore_flags(frame: pd.DataFrame, *, entity: str, features: list[str], windo
     std = rolling.std().reset_index(level=0, drop=True).reindex(frame.index)
     with np.errstate(all="ignore"):
         z = ((values - mean) / std.where(std > 1e-12)).abs()
-    return (z > limit).any(axis=1).to_numpy()
+    return z.max(axis=1).fillna(0.0).to_numpy()
+
+
+def zscore_flags(frame: pd.DataFrame, *, entity: str, features: list[str], window: int = ZSCORE_WINDOW,
+                 limit: float = ZSCORE_LIMIT) -> np.ndarray:
+    """The baseline: flag readings beyond ``limit`` rolling standard deviations of the previous
+    ``window`` readings of their device, on any feature. ``frame`` must be sorted by device, then time."""
+    return zscore_scores(frame, entity=entity, features=features, window=window) > limit
+
+
+def ucr_hit(scores: np.ndarray, truth: np.ndarray, *, slack: int = 100) -> bool:
+    """The UCR anomaly archive's rule for a series with one labelled anomaly: the top-scored reading
+    lies within ``slack`` readings of the labelled stretch."""
+    where = np.flatnonzero(np.asarray(truth, dtype=bool))
+    if not where.size:
+        raise InvalidInput("truth has no labelled anomaly: the UCR rule needs one")
+    top = int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)))
+    return bool(where[0] - slack <= top <= where[-1] + slack)
 
 
 def _runs(mask: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -300,12 +577,13 @@ def _truth(series: pd.Series, label: str) -> np.ndarray:
 
 
 class AnomalyTask:
-    """Unsupervised anomaly detection per reading (see the module docstring for every choice)."""
+    """Anomaly detection per reading in its device's context (see the module docstring for every choice)."""
 
     name = "anomaly"
 
     def __init__(self, *, features: list[str], label: str | None = None, contamination: float | None = None,
-                 entity: str = "device_id", seed: int = 0, min_holdout: int = 50) -> None:
+                 entity: str = "device_id", seed: int = 0, min_holdout: int = 50,
+                 methods: Collection[str] = METHODS) -> None:
         if not features:
             raise InvalidInput("features is empty: name the numeric columns to watch, e.g. pressure,flow")
         if contamination is not None and not 0.0 < contamination < 0.5:
@@ -314,6 +592,12 @@ class AnomalyTask:
             raise InvalidInput(f"min_holdout={min_holdout}: the comparison with the champion needs 1 or more readings")
         self.features, self.label, self.contamination = list(features), label, contamination
         self.entity, self.seed, self.min_holdout = entity, seed, int(min_holdout)
+        if isinstance(methods, str):
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise InvalidInput(f"methods={list(methods)!r}: choose among {', '.join(METHODS)}")
+        self.methods = [m for m in METHODS if m in methods]
 
     def _holdout(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
         """Rows sorted by device and time, and the mask of each device's last ``HOLDOUT`` share."""
@@ -363,25 +647,32 @@ class AnomalyTask:
         data, holdout = self._holdout(frame)
         if len(data) < 10:
             raise InvalidInput(f"{len(data)} readings with a {self.entity!r}: need at least 10 to fit")
-        _values(data, self.features)  # rejects non-numeric features early
+        values = _values(data, self.features)  # rejects non-numeric features early
         keys = data[self.entity].to_numpy()
         if not holdout.any() or holdout.all():
             raise InvalidInput(f"cannot hold out the last {HOLDOUT:.0%} of each device: need more readings")
         truth = _truth(data[self.label], self.label) if self.label else None
+        train = ~holdout
+        groups = _groups(keys)
 
-        rule = ("quantile" if self.contamination is not None or truth is None or not truth[~holdout].any()
-                else "best_event_f1")
-        trial = _fit_model(data[~holdout], self.entity, self.features, contamination=self.contamination,
-                           truth=truth[~holdout] if truth is not None else None, seed=self.seed)
+        scaler = _DeviceScaler.fit(keys[train], values[train])
+        series = _Series(keys, scaler.transform(keys, values), truth, groups)
+        chosen, window, period, criterion, figures = _select(
+            series, holdout, candidates=list(self.methods), contamination=self.contamination, seed=self.seed)
+        devices = list(groups)
+        trial = _fit_method(chosen, series, devices, train, window=window, period=period,
+                            contamination=self.contamination, seed=self.seed)
+        scores, where = _score_after(trial, series, devices, train)
+        flags = np.zeros(len(data), dtype=bool)
+        flags[where] = scores > trial.threshold
+        flags = flags[holdout]
         test = data[holdout]
-        flags = trial.predict(test)["is_anomaly"].to_numpy()
         base = zscore_flags(data, entity=self.entity, features=self.features)[holdout]
         test_truth = truth[holdout] if truth is not None else None
         metrics = evaluate_flags(flags, test_truth, keys[holdout])
         baseline = evaluate_flags(base, test_truth, keys[holdout])
 
-        model = _fit_model(data, self.entity, self.features, contamination=self.contamination, truth=truth,
-                           seed=self.seed)
+        model = self._final(data, keys, values, truth, chosen, window, period)
         return TrainResult(
             model=model,
             task=self.name,
@@ -389,12 +680,14 @@ class AnomalyTask:
             baseline_metrics=baseline,
             primary_metric="event_f1" if truth is not None else "flagged_rate",
             greater_is_better=truth is not None,
-            params={"threshold_rule": rule, "contamination": self.contamination, "threshold": model.threshold,
-                    "training_flagged_rate": model.flagged_rate,
+            params={"method": chosen, "window": model.method.window, "period": period,
+                    "selection": criterion,
+                    **{f"selection_{name}": round(float(v), 4) for name, v in figures.items()},
+                    "threshold_rule": model_rule(self.contamination, truth), "contamination": self.contamination,
+                    "threshold": model.threshold, "training_flagged_rate": model.flagged_rate,
                     "holdout_threshold": trial.threshold, "n_estimators": N_TREES, "holdout": HOLDOUT,
                     "zscore_window": ZSCORE_WINDOW, "zscore_limit": ZSCORE_LIMIT, "entity": self.entity,
-                    "label": self.label, "seed": self.seed, "rows": len(data),
-                    "devices": int(pd.Series(keys).nunique())},
+                    "label": self.label, "seed": self.seed, "rows": len(data), "devices": len(groups)},
             features=list(self.features),
             input_example=data[[self.entity, "ts", *self.features]].head(10).reset_index(drop=True),
             artifacts={"holdout_rows": int(holdout.sum()),
@@ -402,6 +695,24 @@ class AnomalyTask:
                        HOLDOUT_PREDICTIONS: pd.DataFrame({self.entity: keys[holdout], "ts": test["ts"].to_numpy(),
                                                           "is_anomaly": flags})},
         )
+
+    def _final(self, data: pd.DataFrame, keys: np.ndarray, values: np.ndarray, truth: np.ndarray | None,
+               chosen: str, window: int, period: int | None) -> AnomalyModel:
+        """The chosen method refit on every reading, its threshold calibrated by the same rule."""
+        scaler = _DeviceScaler.fit(keys, values)
+        groups = _groups(keys)
+        series = _Series(keys, scaler.transform(keys, values), truth, groups)
+        fitted = _fit_method(chosen, series, list(groups), None, window=window, period=period,
+                             contamination=self.contamination, seed=self.seed)
+        context = fitted.method.context
+        tail = {k: series.z[idx[-context:]].copy() for k, idx in groups.items()} if context else {}
+        return AnomalyModel(entity=self.entity, features=list(self.features), scaler=scaler, method=fitted.method,
+                            threshold=fitted.threshold, flagged_rate=fitted.flagged_rate, tail=tail)
+
+
+def model_rule(contamination: float | None, truth: np.ndarray | None) -> str:
+    """``quantile`` or ``best_event_f1``: how the final model's threshold is calibrated."""
+    return "best_event_f1" if contamination is None and truth is not None and truth.any() else "quantile"
 
 
 @dataclass

@@ -15,23 +15,37 @@ How ``ForecastTask.fit`` works:
   it (so the first cutoff has at least ``context`` points). Every candidate is refit at every cutoff.
   Figures per series and fold, then averaged: MASE (MAE over the in-sample MAE of the seasonal
   naive forecast on the training part), MAE, RMSE, and ``coverage`` of the interval between the
-  lowest and highest quantile (nominal ``q_high - q_low``).
-- **Candidates.** ``seasonal_naive`` (also the baseline, always run); ``auto_ets`` and
-  ``auto_arima`` from statsforecast, one model per series, parallel over series in ``n_jobs``
-  processes (AutoARIMA searches a reduced space, p, q <= 2 and P, Q <= 1 with the approximate
-  stepwise search: the full search takes ~20 s per hourly series, this one ~0.5 s); ``lightgbm``:
+  lowest and highest quantile (nominal ``q_high - q_low``; ``coverage_<nominal>`` for every
+  symmetric pair of quantiles, e.g. ``coverage_0.8`` for 0.1 and 0.9).
+- **Candidates.** ``seasonal_naive`` (also the baseline, always run); ``auto_ets``,
+  ``auto_arima``, ``auto_theta`` and ``mstl`` from statsforecast, one model per series, parallel
+  over series in ``n_jobs`` processes (AutoARIMA searches a reduced space, p, q <= 2 and P, Q <= 1
+  with the approximate stepwise search: the full search takes ~20 s per hourly series, this one
+  ~0.5 s; MSTL decomposes a day and a week below daily steps, a week and a year at daily steps,
+  keeping the seasons that fit twice into the shortest training part, and forecasts the rest with
+  a non-seasonal AutoETS; with no season left it is listed as skipped); ``lightgbm``:
   ONE global model over all series, our own recursive implementation, trained with the L1 loss on
   scaled first differences ``(y[t] - y[t-1]) / s`` (``s`` = the series' MASE scale) with features
   ``lag<k> = (y[t-k] - y[t-1]) / s`` for k = 2..season+1 and 2*season (as far as ``context``
   reaches) and UTC calendar features (``hour``; ``dayofweek`` once the data span
   ``WEEKS_FOR_WEEKDAY`` weeks: with fewer, it memorises one-off events). The best backtest
   MASE wins (ties go to the earlier candidate); a candidate that fails is listed with its error.
-- **Quantiles** are conformal, the same way for every candidate: the backtest residuals, divided
-  by the series' MASE scale, give per horizon step the empirical quantiles (neighbouring steps are
+- **Quantiles** are conformal (split conformal on rolling origins), the same way for every
+  candidate. The winner is backtested again for calibration (selection stays on the ``folds``):
+  on more folds for a few series, as many as give ``CALIBRATION_ORIGINS`` series x horizons and
+  the shortest series allows (each still training on ``context`` points, and on each MSTL season
+  twice), and from a dense grid of origins: each fold's model forecasts from its cutoff and from
+  every ``stride`` steps up to the next cutoff (statsforecast: ``cross_validation`` refitting at the
+  cutoffs and ``forward`` in between), ``stride`` the largest divisor of the horizon that still
+  gives ``CALIBRATION_ORIGINS`` series x origins (every step for a few series; for a thousand, the
+  ``folds`` cutoffs only, at no extra cost); it is described in ``artifacts["calibration"]``. Its
+  residuals, divided by the series' MASE scale, give per horizon step the conformal quantiles with
+  the finite-sample rank ``ceil((n + 1) q)`` (``floor`` below the median; neighbouring steps are
   pooled until there are ``MIN_RESIDUALS``); a forecast adds them, times the series' scale, to the
-  point forecast. The reported coverage is honest: each fold's interval comes from the other folds'
-  residuals (in-sample only when ``folds == 1``).
-- The returned model is the winner refit on all points, with the quantiles of all folds.
+  point forecast. The reported coverage is held out: each fold's origins get intervals from the
+  other folds' residuals whose target points are not among this fold's (in-sample only when
+  there is one fold).
+- The returned model is the winner refit on all points, with the quantiles of all calibration folds.
 - ``compare`` (for promotion) scores the winner's last backtest fold, kept in
   ``artifacts["holdout_predictions"]``, and the champion's forecast from the same history, on the
   series whose last fold starts after the champion's newest training reading (at least
@@ -40,10 +54,11 @@ How ``ForecastTask.fit`` works:
 ``ForecastModel.predict(frame)`` takes recent history in the training input's shape (series, ts,
 target; raw readings, resampled and gap-filled as above) and returns, per series, the next
 ``horizon`` steps after its last bin. The model keeps each training series' points (the last
-``context`` of them; all for AutoETS/AutoARIMA, whose fitted parameters are applied to the whole
+``context`` of them; all for the statsforecast models, whose fitted parameters are applied to the whole
 history by statsforecast's ``forward``) and puts them before the frame's first reading, so a frame
 may hold just the newest readings. A series unseen in training needs ``context`` resampled points
-(AutoETS/AutoARIMA are then fitted on them afresh); shorter ones are left out and listed in
+(the statsforecast models are then fitted on them afresh, MSTL on the seasons that fit twice, or
+its trend model alone); shorter ones are left out and listed in
 ``out.attrs["skipped_series"]``. Seasonal naive and LightGBM use the last ``context`` points.
 """
 
@@ -77,10 +92,17 @@ from .base import (
 
 __all__ = ["CANDIDATES", "ForecastModel", "ForecastTask", "infer_season_length"]
 
-CANDIDATES = ("seasonal_naive", "auto_ets", "auto_arima", "lightgbm")
+CANDIDATES = ("seasonal_naive", "auto_ets", "auto_arima", "auto_theta", "mstl", "lightgbm")
 BASELINE = "seasonal_naive"
+STATS_CANDIDATES = ("auto_ets", "auto_arima", "auto_theta", "mstl")
+"""The candidates fitted per series by statsforecast (they keep a series' whole history)."""
 MIN_RESIDUALS = 50
 """Scaled residuals wanted per horizon step for a conformal quantile; neighbouring steps are pooled."""
+CALIBRATION_ORIGINS = 500
+"""Forecast origins (series x origins) wanted for the conformal calibration of the winner: more folds
+than ``folds`` for a few series (as the series' length allows), and forecasts from every ``stride``
+steps inside each fold, the largest divisor of the horizon that still gives this many (every step
+for a few series, only the fold cutoffs, at no extra cost, for a thousand)."""
 WEEKS_FOR_WEEKDAY = 8
 """LightGBM gets a ``dayofweek`` feature only when the longest series spans this many weeks."""
 RECORD_FIELDS = ("start", "target", "dynamic_feat", "cat")
@@ -234,6 +256,65 @@ class _Batch:
     future: list[pd.DatetimeIndex]
 
 
+@dataclass(frozen=True)
+class _Origins:
+    """The backtest's forecast origins, the same offsets from every series' end.
+
+    Fold ``k`` is fitted on the points before ``L - (folds - k) * h`` (``L``: the series' length) and
+    forecasts from that cutoff and every ``stride`` steps after it, up to the next fold's cutoff (the
+    last fold: its cutoff only, so every forecast has ``h`` actual values). Origin ``i`` forecasts
+    points ``L - folds * h + i * stride + j`` for steps ``j < h``.
+    """
+
+    folds: int
+    h: int
+    stride: int
+
+    @property
+    def count(self) -> int:
+        return (self.folds - 1) * self.h // self.stride + 1
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Each origin's position after the first cutoff."""
+        return np.arange(self.count) * self.stride
+
+    @property
+    def fold(self) -> np.ndarray:
+        """The fold (fitted model) each origin belongs to."""
+        return np.minimum(self.offsets // self.h, self.folds - 1)
+
+    @property
+    def cutoffs(self) -> np.ndarray:
+        """Index of each fold's cutoff origin."""
+        return np.arange(self.folds) * (self.h // self.stride)
+
+
+def _stride(h: int, folds: int, n_series: int) -> int:
+    """The largest divisor of ``h`` that still gives ``CALIBRATION_ORIGINS`` series x origins (else 1)."""
+    for s in sorted((d for d in range(1, h + 1) if h % d == 0), reverse=True):
+        if n_series * ((folds - 1) * h // s + 1) >= CALIBRATION_ORIGINS:
+            return s
+    return 1
+
+
+def _rolling(engine: Any, series: Sequence[_Series], grid: _Origins) -> np.ndarray:
+    """(series, origins, h) forecasts: ``engine`` refit at each fold's cutoff, forecasting from its origins."""
+    h, fold = grid.h, grid.fold
+    out = np.empty((len(series), grid.count, h))
+    for k in range(grid.folds):
+        cuts = [len(s.values) - (grid.folds - k) * h for s in series]
+        engine.fit(_Batch(keys=[s.key for s in series], ys=[s.values[:c] for s, c in zip(series, cuts)],
+                          index=[s.index[:c] for s, c in zip(series, cuts)], future=[]))
+        block = np.flatnonzero(fold == k)
+        starts = [(i, c + grid.offsets[b] - k * h) for i, c in enumerate(cuts) for b in block]
+        rows = _Batch(keys=[series[i].key for i, _ in starts], ys=[series[i].values[:o] for i, o in starts],
+                      index=[series[i].index[:o] for i, o in starts],
+                      future=[series[i].index[o:o + h] for i, o in starts])
+        out[:, block] = engine.forecast(rows, h).reshape(len(series), len(block), h)
+    return out
+
+
 class _SeasonalNaive:
     name = "seasonal_naive"
 
@@ -248,22 +329,48 @@ class _SeasonalNaive:
         steps = np.arange(h) % m
         return np.stack([y[len(y) - m + steps] for y in batch.ys])
 
-    def backtest(self, batch: _Batch, h: int) -> np.ndarray:
-        return self.forecast(batch, h)
+    def backtest(self, series: Sequence[_Series], grid: _Origins) -> np.ndarray:
+        return _rolling(self, series, grid)
+
+
+def _seasonalities(freq: str, season: int) -> list[int]:
+    """MSTL's seasons: a day and a week below daily steps (e.g. 24 and 168 hourly), a week and a year
+    for daily steps, else the one season."""
+    offset = pd.tseries.frequencies.to_offset(freq)
+    if isinstance(offset, pd.offsets.Tick) and pd.Timedelta(offset) < pd.Timedelta(days=1) and season > 1:
+        return [season, 7 * season]
+    if season == 7:
+        return [7, 365]
+    return [season] if season > 1 else []
 
 
 class _StatsModel:
-    """AutoETS or AutoARIMA per series through statsforecast (processes over series)."""
+    """AutoETS, AutoARIMA, AutoTheta or MSTL per series through statsforecast (processes over series).
 
-    def __init__(self, name: str, season: int, n_jobs: int) -> None:
+    MSTL takes the ``seasons`` that fit twice into the shortest series it is given (``fit_seasons``);
+    with none it cannot run and the task lists it as skipped."""
+
+    def __init__(self, name: str, season: int, n_jobs: int, seasons: Sequence[int] = ()) -> None:
         self.name, self.season, self.n_jobs = name, season, n_jobs
+        self.seasons = list(seasons)
         self.fitted: dict[Any, Any] = {}
 
-    def _model(self) -> Any:
-        from statsforecast.models import AutoARIMA, AutoETS
+    def fit_seasons(self, shortest: int) -> list[int]:
+        """The seasons MSTL can decompose a series of ``shortest`` points into (each fits twice)."""
+        return [m for m in self.seasons if 2 * m < shortest]
+
+    def _model(self, length: int | None = None) -> Any:
+        from statsforecast.models import MSTL, AutoARIMA, AutoETS, AutoTheta
 
         if self.name == "auto_ets":
             return AutoETS(season_length=self.season)
+        if self.name == "auto_theta":
+            return AutoTheta(season_length=self.season)
+        if self.name == "mstl":
+            seasons = self.seasons if length is None else self.fit_seasons(length)
+            if not seasons:  # an unseen series too short to decompose: its trend model alone
+                return AutoETS(model="ZZN")
+            return MSTL(season_length=seasons, trend_forecaster=AutoETS(model="ZZN"))
         return AutoARIMA(season_length=self.season, approximation=True, max_p=2, max_q=2, max_P=1, max_Q=1)
 
     def _frame(self, ys: list[np.ndarray]) -> pd.DataFrame:
@@ -279,12 +386,16 @@ class _StatsModel:
 
         return StatsForecast(models=[self._model()], freq=1, n_jobs=self.n_jobs)
 
-    def backtest(self, batch: _Batch, h: int) -> np.ndarray:
+    def backtest(self, series: Sequence[_Series], grid: _Origins) -> np.ndarray:
+        """statsforecast's cross-validation on the same origins: refit at each fold's cutoff (every
+        ``h / stride`` windows), ``forward`` (fitted parameters, newer data) from the origins between."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = self._engine().forecast(df=self._frame(batch.ys), h=h)
-        out = out.sort_values(["unique_id", "ds"])
-        return out.iloc[:, -1].to_numpy(dtype=float).reshape(len(batch.ys), h)
+            out = self._engine().cross_validation(
+                df=self._frame([s.values for s in series]), h=grid.h, step_size=grid.stride,
+                test_size=grid.folds * grid.h, refit=grid.h // grid.stride)
+        out = out.sort_values(["unique_id", "cutoff", "ds"])
+        return out.iloc[:, -1].to_numpy(dtype=float).reshape(len(series), grid.count, grid.h)
 
     def fit(self, batch: _Batch) -> None:
         with warnings.catch_warnings():
@@ -302,7 +413,7 @@ class _StatsModel:
                 if model is not None:
                     out[i] = model.forward(y=y.astype(float), h=h)["mean"]
                 else:
-                    out[i] = self._model().forecast(y=y.astype(float), h=h)["mean"]
+                    out[i] = self._model(len(y)).forecast(y=y.astype(float), h=h)["mean"]
         return out
 
 
@@ -391,16 +502,25 @@ class _LightGBM:
             buf[:, width + j] = buf[:, width + j - 1] + self.booster.predict(np.hstack([lags, cal[:, j, :]])) * scale
         return buf[:, width:]
 
-    def backtest(self, batch: _Batch, h: int) -> np.ndarray:
-        self.fit(batch)
-        return self.forecast(batch, h)
+    def backtest(self, series: Sequence[_Series], grid: _Origins) -> np.ndarray:
+        return _rolling(self, series, grid)
 
 
 # --------------------------------------------------------------------------- scoring
 
 
+def _order_quantile(pool: np.ndarray, q: float) -> float:
+    """The conformal quantile of ``n`` residuals: the ``ceil((n + 1) q)``-th smallest above the median,
+    the ``floor((n + 1) q)``-th below it (the finite-sample correction), clipped to the sample."""
+    n = len(pool)
+    if q == 0.5:
+        return float(np.median(pool))
+    rank = math.ceil((n + 1) * q) if q > 0.5 else math.floor((n + 1) * q)
+    return float(np.partition(pool, min(max(rank, 1), n) - 1)[min(max(rank, 1), n) - 1])
+
+
 def _conformal(resid: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
-    """(series, folds, h) scaled residuals with NaN -> (h, len(quantiles)) residual quantiles."""
+    """(..., h) scaled residuals with NaN (left out) -> (h, len(quantiles)) conformal residual quantiles."""
     h = resid.shape[-1]
     per_step = resid.reshape(-1, h)
     counts = np.sum(~np.isnan(per_step), axis=0)
@@ -412,25 +532,50 @@ def _conformal(resid: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:
         pool = per_step[:, max(0, j - w): j + w + 1]
         pool = pool[~np.isnan(pool)]
         if len(pool):
-            table[j] = np.quantile(pool, quantiles)
+            table[j] = [_order_quantile(pool, q) for q in quantiles]
     return table
 
 
-def _score(pred: np.ndarray, actual: np.ndarray, scale: np.ndarray,
+def _levels(quantiles: Sequence[float]) -> dict[float, tuple[int, int]]:
+    """Nominal coverage -> (lower, upper) quantile positions: every symmetric pair (q, 1 - q), and the
+    outermost pair ``max - min`` even when it is not symmetric."""
+    qs = list(quantiles)
+    out = {round(1 - 2 * q, 6): (i, qs.index(next(p for p in qs if abs(p - (1 - q)) < 1e-9)))
+           for i, q in enumerate(qs) if q < 0.5 and any(abs(p - (1 - q)) < 1e-9 for p in qs)}
+    out.setdefault(round(max(qs) - min(qs), 6), (qs.index(min(qs)), qs.index(max(qs))))
+    return out
+
+
+def _score(pred: np.ndarray, actual: np.ndarray, scale: np.ndarray, grid: _Origins,
            quantiles: Sequence[float]) -> tuple[dict[str, float], np.ndarray]:
-    """Backtest figures averaged over series and folds, and the scaled residuals."""
-    err = actual - pred
-    resid = err / scale[:, :, None]
-    lo, hi = quantiles.index(min(quantiles)), quantiles.index(max(quantiles))
-    folds = pred.shape[1]
-    covered = np.full(pred.shape, np.nan)
-    for k in range(folds):
-        others = [f for f in range(folds) if f != k] or [k]
-        table = _conformal(resid[:, others, :], quantiles)
-        lower = pred[:, k, :] + table[None, :, lo] * scale[:, k, None]
-        upper = pred[:, k, :] + table[None, :, hi] * scale[:, k, None]
-        inside = (actual[:, k, :] >= lower) & (actual[:, k, :] <= upper)
-        covered[:, k, :] = np.where(np.isnan(actual[:, k, :]), np.nan, inside)
+    """Backtest figures and the scaled residuals of every origin, from (series, origins, h) forecasts
+    and actual values (NaN: not observed) and the (series, folds) MASE scales.
+
+    MASE, MAE and RMSE are averaged over series and the folds' cutoff origins. Coverage is held out:
+    the origins of each fold get intervals calibrated on the residuals of the other folds' origins
+    whose target points are not among this fold's targets (in-sample with one fold); ``coverage`` is
+    the outermost interval's, ``coverage_<nominal>`` each symmetric one's.
+    """
+    o_scale = scale[:, grid.fold]
+    resid = (actual - pred) / o_scale[:, :, None]
+    at = grid.cutoffs
+    err = actual[:, at] - pred[:, at]
+    levels = _levels(quantiles)
+    covered = {nominal: np.full(pred.shape, np.nan) for nominal in levels}
+    target = grid.offsets[:, None] + np.arange(grid.h)[None, :]  # (origins, h) position after the first cutoff
+    for k in range(grid.folds):
+        mine = grid.fold == k
+        span = target[mine]
+        calib = np.where((~mine[:, None] & ((target < span.min()) | (target > span.max())))[None], resid, np.nan)
+        if grid.folds == 1:
+            calib = resid
+        table = _conformal(calib, quantiles)
+        for nominal, (lo, hi) in levels.items():
+            lower = pred[:, mine] + table[None, None, :, lo] * o_scale[:, mine, None]
+            upper = pred[:, mine] + table[None, None, :, hi] * o_scale[:, mine, None]
+            inside = (actual[:, mine] >= lower) & (actual[:, mine] <= upper)
+            covered[nominal][:, mine] = np.where(np.isnan(actual[:, mine]), np.nan, inside)
+    outer = round(max(quantiles) - min(quantiles), 6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a fold with no observed point is NaN, left out
         mae = np.nanmean(np.abs(err), axis=2)
@@ -438,8 +583,10 @@ def _score(pred: np.ndarray, actual: np.ndarray, scale: np.ndarray,
             "mase": float(np.nanmean(mae / scale)),
             "mae": float(np.nanmean(mae)),
             "rmse": float(np.nanmean(np.sqrt(np.nanmean(err**2, axis=2)))),
-            "coverage": float(np.nanmean(np.nanmean(covered, axis=2))),
+            "coverage": float(np.nanmean(covered[outer])),
         }
+        for nominal in sorted(levels, reverse=True):
+            metrics[f"coverage_{nominal:g}"] = float(np.nanmean(covered[nominal]))
     return metrics, resid
 
 
@@ -623,7 +770,7 @@ class ForecastModel:
         series = prepared.series
         if not series:
             return pd.DataFrame(columns=[self.series_column, "ts", "mean", *self.quantile_columns]), prepared.skipped
-        keep = None if self.candidate.startswith("auto_") else self.context
+        keep = None if self.candidate in STATS_CANDIDATES else self.context
         batch = _Batch(
             keys=[s.key for s in series],
             ys=[s.values if keep is None else s.values[-keep:] for s in series],
@@ -722,7 +869,8 @@ class ForecastTask:
         if name == "lightgbm":
             threads = self.n_jobs if self.n_jobs > 0 else (os.cpu_count() or 1)
             return _LightGBM(self.season_length, self.context, calendar, threads)
-        return _StatsModel(name, self.season_length, self.n_jobs)
+        return _StatsModel(name, self.season_length, self.n_jobs,
+                           _seasonalities(self.freq, self.season_length) if name == "mstl" else ())
 
     def _series(self, frame: pd.DataFrame) -> _Prepared:
         length = self.context + self.folds * self.horizon
@@ -730,6 +878,29 @@ class ForecastTask:
         return _prepare(frame, series_column=self.series_column, time_column=self.time_column,
                         target=self.target, freq=self.freq, season=self.season_length,
                         max_gap=self.max_gap, min_length=length, need=need)
+
+    def _targets(self, series: Sequence[_Series], grid: _Origins) -> tuple[np.ndarray, np.ndarray]:
+        """(series, origins, h) actual values at ``grid``'s origins (NaN where filled) and (series, folds)
+        MASE scales of each fold's training part."""
+        actual = np.full((len(series), grid.count, grid.h), np.nan)
+        scale = np.empty((len(series), grid.folds))
+        for i, s in enumerate(series):
+            first = len(s.values) - grid.folds * grid.h
+            for b, o in enumerate(first + grid.offsets):
+                actual[i, b] = np.where(s.observed[o:o + grid.h], s.values[o:o + grid.h], np.nan)
+            for k in range(grid.folds):
+                scale[i, k] = _mase_scale(s.values[:first + k * grid.h], self.season_length)
+        return actual, scale
+
+    def _calibration_grid(self, series: Sequence[_Series], engine: Any) -> _Origins:
+        """The origins the winner is calibrated on: ``folds`` or, for few series, as many more folds as
+        give ``CALIBRATION_ORIGINS`` series x horizons (each fold still trains on ``context`` points,
+        and on each MSTL season twice), forecasting from every ``stride`` steps."""
+        h, n = self.horizon, len(series)
+        seasons = getattr(engine, "seasons", []) or [0]
+        room = min(len(s.values) for s in series) - max(self.context + 1, 2 * max(seasons) + 1)
+        deep = max(self.folds, min(room // h, math.ceil(CALIBRATION_ORIGINS / (n * h))))
+        return _Origins(deep, h, _stride(h, deep, n))
 
     def compare(self, champion: Any, frame: pd.DataFrame, result: TrainResult, since: pd.Timestamp | None
                 ) -> dict[str, Any]:
@@ -792,44 +963,38 @@ class ForecastTask:
 
         n = len(series)
         calendar = _calendar_names(self.freq, max(s.index[-1] - s.index[0] for s in series))
-        actual = np.full((n, folds, h), np.nan)
-        scale = np.empty((n, folds))
-        fold_batches = []
-        for k in range(folds):
-            cuts = [len(s.values) - (folds - k) * h for s in series]
-            for i, (s, c) in enumerate(zip(series, cuts)):
-                actual[i, k] = np.where(s.observed[c:c + h], s.values[c:c + h], np.nan)
-                scale[i, k] = _mase_scale(s.values[:c], self.season_length)
-            fold_batches.append(_Batch(
-                keys=[s.key for s in series],
-                ys=[s.values[:c] for s, c in zip(series, cuts)],
-                index=[s.index[:c] for s, c in zip(series, cuts)],
-                future=[s.index[c:c + h] for s, c in zip(series, cuts)],
-            ))
+        cuts = _Origins(folds, h, h)
+        actual, scale = self._targets(series, cuts)
+        shortest = min(len(s.values) for s in series) - folds * h
 
         names = [BASELINE] + [c for c in self.candidates if c != BASELINE]
         report: list[dict[str, Any]] = []
+        engines: dict[str, Any] = {}
         scored: dict[str, tuple[dict[str, float], np.ndarray, np.ndarray]] = {}
         with Progress(disable=not self.progress, transient=False) as bar:
-            task = bar.add_task("forecast", total=len(names) * folds + 1)
+            task = bar.add_task("forecast", total=len(names) + 1)
             for name in names:
                 started = time.monotonic()
-                pred = np.empty((n, folds, h))
-                done = 0
-                try:
-                    for k, batch in enumerate(fold_batches):
-                        bar.update(task, description=f"{name} fold {k + 1}/{folds} ({n} series)")
-                        pred[:, k] = self._engine(name, calendar).backtest(batch, h)
+                bar.update(task, description=f"{name}: {folds} folds ({n} series)")
+                engine = engines[name] = self._engine(name, calendar)
+                if name == "mstl":
+                    engine.seasons = engine.fit_seasons(shortest)
+                    if not engine.seasons:
+                        report.append({"name": name, "skipped": f"the shortest training part ({shortest} points) "
+                                       f"holds no season of {_seasonalities(self.freq, self.season_length)} twice"})
                         bar.advance(task)
-                        done += 1
+                        continue
+                try:
+                    pred = engine.backtest(series, cuts)
                     bad = np.flatnonzero(~np.isfinite(pred).all(axis=(1, 2)))
                     if len(bad):
                         raise ValueError(f"non-finite forecasts for {len(bad)} series, e.g. {series[bad[0]].key!r}")
                 except Exception as err:  # noqa: BLE001 - a third-party model failing must not end the run: it is reported
                     report.append({"name": name, "error": f"{type(err).__name__}: {err}"})
-                    bar.advance(task, folds - done)
+                    bar.advance(task)
                     continue
-                metrics, resid = _score(pred, actual, scale, self.quantiles)
+                bar.advance(task)
+                metrics, resid = _score(pred, actual, scale, cuts, self.quantiles)
                 scored[name] = (metrics, resid, pred)
                 report.append({"name": name, **metrics, "seconds": round(time.monotonic() - started, 3)})
 
@@ -838,13 +1003,29 @@ class ForecastTask:
                 errors = "; ".join(f"{r['name']}: {r['error']}" for r in report if "error" in r)
                 raise InvalidInput(f"every forecast candidate failed: {errors}")
             best = min(choices, key=lambda c: (scored[c][0]["mase"], choices.index(c)))
+            grid = self._calibration_grid(series, engines[best])
+            if grid.count > cuts.count:  # the winner again from the dense grid: the calibration residuals
+                bar.update(task, description=f"calibrate {best}: {grid.folds} folds, {grid.count} origins ({n} series)")
+                started = time.monotonic()
+                try:
+                    pred = engines[best].backtest(series, grid)
+                except Exception:  # noqa: BLE001 - a model failing on a shorter fold: keep the folds' calibration
+                    pred = np.full(1, np.nan)
+                if np.isfinite(pred).all():
+                    dense, resid = _score(pred, *self._targets(series, grid), grid, self.quantiles)
+                    coverage = {k: v for k, v in dense.items() if k.startswith("coverage")}
+                    scored[best] = ({**scored[best][0], **coverage}, resid, scored[best][2])
+                    entry = next(r for r in report if r["name"] == best)
+                    entry.update(coverage, calibration_seconds=round(time.monotonic() - started, 3))
+                else:
+                    grid = cuts
             bar.update(task, description=f"refit {best} on {n} series")
-            engine = self._engine(best, calendar)
+            engine = engines[best]
             engine.fit(_Batch(keys=[s.key for s in series], ys=[s.values for s in series],
                               index=[s.index for s in series], future=[]))
             bar.advance(task)
 
-        keep = max(len(s.values) for s in series) if best.startswith("auto_") else self.context
+        keep = max(len(s.values) for s in series) if best in STATS_CANDIDATES else self.context
         model = ForecastModel(
             candidate=best, target=self.target, freq=self.freq, horizon=h, context=self.context,
             season_length=self.season_length, max_gap=self.max_gap, quantiles=self.quantiles,
@@ -854,6 +1035,7 @@ class ForecastTask:
             history={s.key: pd.Series(s.values[-keep:], index=s.index[-keep:]) for s in series},
         )
         lo, hi = min(self.quantiles), max(self.quantiles)
+        last = [s.index[-h:] for s in series]  # the last fold's targets
         return TrainResult(
             model=model,
             task=self.name,
@@ -863,7 +1045,9 @@ class ForecastTask:
             greater_is_better=False,
             params={
                 "candidate": best, "target": self.target, "freq": self.freq, "horizon": h,
-                "context": self.context, "folds": folds, "season_length": self.season_length,
+                "context": self.context, "folds": folds, "calibration_folds": grid.folds,
+                "origin_stride": grid.stride,
+                "season_length": self.season_length,
                 "max_gap": self.max_gap, "quantiles": list(self.quantiles), "candidates": list(self.candidates),
                 "series_column": self.series_column, "n_series": n,
             },
@@ -874,17 +1058,20 @@ class ForecastTask:
                 "candidates": report,
                 "skipped_series": prepared.skipped,
                 "coverage_nominal": round(hi - lo, 6),
-                "intervals": f"conformal: backtest residuals scaled by the series' MASE scale, quantiles per horizon "
-                             f"step; coverage of [q{lo:g}, q{hi:g}] measured leaving each fold out",
+                "intervals": f"conformal: residuals of forecasts from every {grid.stride} step(s) of {grid.folds} "
+                             f"backtest folds ({grid.count} origins per series), scaled by the series' MASE scale, "
+                             f"per horizon step with the finite-sample rank ceil((n+1)q); coverage of "
+                             f"[q{lo:g}, q{hi:g}] measured on each fold's origins calibrated on the other folds'",
                 "gaps": {"filled_points": int(prepared.filled_points), "restarted_series": prepared.restarted_series,
                          "max_gap": self.max_gap},
                 "backtest": {"folds": folds, "horizon": h, "series": n,
                              "scored_points": int(np.sum(~np.isnan(actual)))},
+                "calibration": {"folds": grid.folds, "origins": grid.count, "origin_stride": grid.stride},
                 HOLDOUT_PREDICTIONS: pd.DataFrame({
                     "series": np.repeat(np.array([s.key for s in series], dtype=object), h),
-                    "fold_start": pd.DatetimeIndex([f[0] for f in fold_batches[-1].future]).repeat(h),
+                    "fold_start": pd.DatetimeIndex([f[0] for f in last]).repeat(h),
                     "step": np.tile(np.arange(h), n),
-                    "ts": fold_batches[-1].future[0].append(fold_batches[-1].future[1:]),
+                    "ts": last[0].append(last[1:]),
                     "actual": actual[:, -1, :].reshape(-1),
                     "prediction": scored[best][2][:, -1, :].reshape(-1),
                     "scale": np.repeat(scale[:, -1], h),

@@ -1,0 +1,264 @@
+"""The anomaly task's candidate methods, each over one device's standardised readings in time order.
+
+A method turns a device's readings ``z`` (rows in time order, one column per feature, already
+standardised per device) into model-matrix rows (``rows``), and those rows into scores (``score``,
+higher = more anomalous). ``rows(key, z, start)`` gives the rows of ``z[start:]``; ``z[:start]``
+is the context the window reads (the device's earlier readings). ``context`` is how many earlier
+readings a row reads, so a serving process that keeps that many per device scores a single new
+reading as the batch does.
+
+- ``point``: IsolationForest over the readings themselves (context 0): level anomalies only.
+- ``window``: IsolationForest over rolling features of the last ``window`` readings per feature:
+  the reading, rolling level (mean), spread (std), its departure from the previous readings' mean,
+  slope over the window and first difference: drifts, noise bursts, jumps.
+- ``residual``: residuals of a seasonal forecast, ``z[t-P] + mean(z[t-k] - z[t-k-P], k=1..window)``
+  (seasonal naive plus the recent level change; without a period ``P`` the mean of the last
+  ``window`` readings), in units of the residuals' robust spread on the training readings, largest
+  over the features: a reading normal in level but wrong for its time in the cycle.
+- ``discord``: the left matrix profile: the distance of the subsequence of ``window`` readings
+  ending at each reading to its nearest neighbour among the device's subsequences of the previous
+  ``REFERENCE`` readings (z-normalised Euclidean distance / sqrt(window), mean over features;
+  trivial matches within stumpy's exclusion zone ``ceil(window / 4)`` left out): shape anomalies
+  (Yeh et al., "Matrix Profile I", 2016; the left profile is stumpy's ``stumpi`` streaming one). Computed
+  blockwise with numpy matrix products (the same distances as stumpy's, checked in the tests)
+  because stumpy's numba compilation alone takes 25-40 s per process on this 2-core machine.
+
+A score reads only the reading and its past (causal), so batch and streaming agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
+from sklearn.ensemble import IsolationForest
+
+N_TREES = 200
+REFERENCE = 1440
+"""History (readings: a day of 1-minute ones) in which the discord method looks for a subsequence's
+nearest neighbour."""
+CALIBRATION = 4096
+"""Last training readings per device whose discord scores calibrate the threshold."""
+BLOCK = 1024
+"""Subsequences per matrix product in the discord search (bounds memory: BLOCK x REFERENCE floats)."""
+PERIOD_MIN_ACF = 0.3
+"""Autocorrelation a period must reach to be used by the residual method."""
+MAX_PERIOD = 1440
+"""Longest period looked for (a day of 1-minute readings)."""
+
+
+def _forest(matrix: np.ndarray, seed: int) -> IsolationForest:
+    forest = IsolationForest(n_estimators=N_TREES, max_samples=min(256, len(matrix)), random_state=seed, n_jobs=1)
+    return forest.fit(matrix)
+
+
+class PointForest:
+    """IsolationForest over each reading's standardised values."""
+
+    name = "point"
+
+    def __init__(self, window: int = 1) -> None:
+        self.window, self.context = 1, 0
+        self.forest: IsolationForest | None = None
+
+    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+        return z[start:]
+
+    def fit(self, per_device: dict[Any, np.ndarray], seed: int) -> np.ndarray:
+        """Fit on each device's readings; the training matrix (devices in the order given)."""
+        matrix = np.vstack([self.rows(k, z, 0) for k, z in per_device.items()])
+        self.forest = _forest(matrix, seed)
+        return matrix
+
+    def covers(self, n: int) -> int:
+        """How many of a device's last ``n`` training readings ``fit`` returns rows for."""
+        return n
+
+    def score(self, matrix: np.ndarray) -> np.ndarray:
+        assert self.forest is not None
+        return -self.forest.score_samples(matrix) if len(matrix) else np.empty(0)
+
+
+class WindowForest(PointForest):
+    """IsolationForest over rolling window features (see the module docstring)."""
+
+    name = "window"
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window, self.context = int(window), int(window)
+
+    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+        w = self.window
+        frame = pd.DataFrame(z)
+        roll = frame.rolling(w, min_periods=1)
+        mean, std = roll.mean().to_numpy(), roll.std().fillna(0.0).to_numpy()
+        past = frame.shift(1).rolling(w, min_periods=1).mean().to_numpy()
+        dev = np.nan_to_num(z - past)
+        lagged = frame.shift(w).to_numpy()
+        lagged = np.where(np.isnan(lagged), z[:1], lagged) if len(z) else lagged
+        slope = (z - lagged) / w
+        diff = np.diff(z, axis=0, prepend=z[:1]) if len(z) else z
+        return np.hstack([z, mean, std, dev, slope, diff])[start:]
+
+
+class SeasonalResidual:
+    """Residuals of a seasonal naive forecast corrected by the recent level (module docstring)."""
+
+    name = "residual"
+
+    def __init__(self, window: int, period: int | None) -> None:
+        self.window, self.period = int(window), period
+        self.context = self.window + (period or 0)
+        self.spread: np.ndarray | None = None
+
+    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+        frame, w, p = pd.DataFrame(z), self.window, self.period
+        if p:
+            seasonal_step = frame - frame.shift(p)
+            forecast = frame.shift(p) + seasonal_step.shift(1).rolling(w, min_periods=1).mean()
+        else:
+            forecast = frame.shift(1).rolling(w, min_periods=1).mean()
+        residual = (frame - forecast).to_numpy()
+        return np.nan_to_num(residual)[start:]  # too little context: residual 0
+
+    def fit(self, per_device: dict[Any, np.ndarray], seed: int) -> np.ndarray:
+        matrix = np.vstack([self.rows(k, z, 0) for k, z in per_device.items()])
+        spread = robust_spread(matrix)
+        self.spread = spread
+        return matrix
+
+    def covers(self, n: int) -> int:
+        return n
+
+    def score(self, matrix: np.ndarray) -> np.ndarray:
+        assert self.spread is not None
+        return np.abs(matrix / self.spread).max(axis=1) if len(matrix) else np.empty(0)
+
+
+class Discord:
+    """Left matrix-profile distance of the subsequence ending at each reading (module docstring)."""
+
+    name = "discord"
+
+    def __init__(self, window: int) -> None:
+        self.window = int(window)
+        self.context = REFERENCE + self.window - 1
+
+    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+        m, n = self.window, len(z)
+        out = np.zeros((n - start, z.shape[1]))
+        first = max(start, m - 1)  # the first reading with a whole subsequence behind it
+        if n - first <= 0:
+            return out
+        lo = max(0, first - m + 1 - REFERENCE)  # the history the first subsequence may match
+        for j in range(z.shape[1]):
+            profile = left_profile(z[lo:, j], m, first - m + 1 - lo)
+            out[first - start:, j] = profile
+        return out / math.sqrt(m)
+
+    def fit(self, per_device: dict[Any, np.ndarray], seed: int) -> np.ndarray:
+        """Nothing to learn; the training rows are those of each device's last ``covers(n)`` readings
+        (at most ``CALIBRATION``, each with at least ``min(REFERENCE, n // 2)`` readings before it:
+        a subsequence with little history has few neighbours and looks unusual)."""
+        return np.vstack([self.rows(k, z, len(z) - self.covers(len(z))) for k, z in per_device.items()])
+
+    def covers(self, n: int) -> int:
+        return max(0, min(CALIBRATION, n - min(REFERENCE, n // 2)))
+
+    def score(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix.mean(axis=1) if len(matrix) else np.empty(0)
+
+
+def left_profile(x: np.ndarray, m: int, first: int) -> np.ndarray:
+    """For each length-``m`` subsequence of ``x`` starting at ``first`` or later: the z-normalised
+    Euclidean distance to its nearest subsequence starting at most ``REFERENCE`` and more than
+    ``ceil(m / 4)`` positions earlier (the left matrix profile over a bounded history); 0 when there
+    is none (no history: nothing to call unusual). Flat subsequences follow stumpy's convention."""
+    q, flat = _znormed(np.nan_to_num(np.asarray(x, dtype=float)), m)
+    count = len(q)
+    out = np.zeros(max(0, count - first))
+    any_flat = bool(flat.any())
+    for lo in range(first, count, BLOCK):
+        hi = min(count, lo + BLOCK)
+        c0 = max(0, lo - REFERENCE)
+        allowed = _band(hi - lo, lo - c0, m)
+        corr = q[lo:hi] @ q[c0:hi].T  # correlation x m: the nearest neighbour has the largest
+        if any_flat:
+            qf, rf = flat[lo:hi, None], flat[None, c0:hi]
+            corr = np.where(qf & rf, float(m), np.where(qf | rf, m / 2.0, corr))  # distances 0, sqrt(m)
+        best = np.max(corr, axis=1, where=allowed, initial=-np.inf)
+        found = np.isfinite(best)
+        out[lo - first:hi - first][found] = 2.0 * m * (1.0 - best[found] / m)
+    return np.sqrt(np.clip(out, 0.0, None))
+
+
+@functools.lru_cache(maxsize=8)
+def _band(rows: int, before: int, m: int) -> np.ndarray:
+    """Which candidates (``before`` earlier subsequences, then the block's own) each of ``rows``
+    subsequences may match: more than ``ceil(m / 4)`` and at most ``REFERENCE`` positions earlier."""
+    gap = np.arange(before, before + rows)[:, None] - np.arange(before + rows)[None, :]
+    allowed = (gap > int(np.ceil(m / 4))) & (gap <= REFERENCE)
+    allowed.setflags(write=False)
+    return allowed
+
+
+def _znormed(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each length-``m`` subsequence z-normalised (a flat one all zeros), and which are flat."""
+    windows = sliding_window_view(x, m)
+    mean, std = windows.mean(axis=1, keepdims=True), windows.std(axis=1, keepdims=True)
+    flat = std[:, 0] < 1e-8
+    return np.where(flat[:, None], 0.0, (windows - mean) / np.where(flat[:, None], 1.0, std)), flat
+
+
+def robust_spread(matrix: np.ndarray) -> np.ndarray:
+    """IQR / 1.349 per column; the std (or 1) where that is 0."""
+    if not len(matrix):
+        return np.ones(matrix.shape[1])
+    q75, q25 = np.percentile(matrix, [75, 25], axis=0)
+    spread, std = (q75 - q25) / 1.349, matrix.std(axis=0)
+    return np.where(spread > 1e-12, spread, np.where(std > 1e-12, std, 1.0))
+
+
+def detect_period(per_device: dict[Any, np.ndarray], *, max_devices: int = 8) -> int | None:
+    """The most common dominant period (in readings) of the first ``max_devices`` devices' first
+    feature: the autocorrelation's highest peak after its first drop below zero, if it reaches
+    ``PERIOD_MIN_ACF``; None when no device has one."""
+    found = []
+    for z in list(per_device.values())[:max_devices]:
+        for j in range(z.shape[1]):
+            x = z[:, j] - z[:, j].mean()
+            n = len(x)
+            if n < 12 or not np.any(x):
+                continue
+            spectrum = np.fft.rfft(x, 2 * n)
+            acf = np.fft.irfft(spectrum * np.conj(spectrum))[:n]
+            acf = acf / acf[0]
+            below = np.flatnonzero(acf < 0)
+            limit = min(n // 3, MAX_PERIOD)
+            if not below.size or below[0] >= limit:
+                continue
+            lag = int(below[0] + np.argmax(acf[below[0]:limit]))
+            if acf[lag] >= PERIOD_MIN_ACF:
+                found.append(lag)
+    if not found:
+        return None
+    values, counts = np.unique(found, return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def make(name: str, window: int, period: int | None) -> Any:
+    """A fresh method by name."""
+    if name == "point":
+        return PointForest()
+    if name == "window":
+        return WindowForest(window)
+    if name == "residual":
+        return SeasonalResidual(window, period)
+    if name == "discord":
+        return Discord(window)
+    raise ValueError(name)

@@ -1,0 +1,134 @@
+"""The anomaly task's window methods: shape and context anomalies the point-wise model cannot see,
+the selection and what it logs, and a single served reading scored in its device's context."""
+
+from __future__ import annotations
+
+import pickle
+
+import cloudpickle
+import numpy as np
+import pandas as pd
+import pytest
+
+from iot2ml.core.errors import InvalidInput
+from iot2ml.ml import _anomaly_methods as methods
+from iot2ml.ml.anomaly import AnomalyTask, evaluate_flags, ucr_hit
+
+
+def wave(n: int, rng: np.random.Generator, *, period: int = 40, device: str = "dev-1") -> pd.DataFrame:
+    """A periodic sensor signal (one reading a minute) with a little noise."""
+    t = np.arange(n)
+    return pd.DataFrame({
+        "device_id": device,
+        "ts": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(t, unit="min"),
+        "value": np.sin(2 * np.pi * t / period) + rng.normal(0, 0.05, n),
+        "anomaly": False,
+    })
+
+
+def with_shape_change(frame: pd.DataFrame, start: int, length: int) -> pd.DataFrame:
+    """The waveform inverted over ``length`` readings: every value stays within the normal range."""
+    out = frame.copy()
+    rows = out.index[start:start + length]
+    out.loc[rows, "value"] = -out.loc[rows, "value"]
+    out.loc[rows, "anomaly"] = True
+    return out
+
+
+@pytest.fixture(scope="module")
+def shape_series() -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(4)
+    train = wave(3000, rng)
+    test = with_shape_change(wave(4000, rng).assign(ts=lambda f: f["ts"] + pd.Timedelta(minutes=3000)), 2210, 20)
+    return train, test
+
+
+def test_the_left_matrix_profile_matches_stumpy() -> None:
+    stumpy = pytest.importorskip("stumpy")
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.normal(size=600))
+    m = 24
+    ours = methods.left_profile(x, m, 0)
+    profile = stumpy.stump(x, m)  # both-sided: distance, index, left index, right index
+    theirs, nearest, left = profile[:, 0].astype(float), profile[:, 1].astype(int), profile[:, 2].astype(int)
+    # Where stumpy's nearest neighbour lies on the left, our left profile is the same distance.
+    on_left = nearest == left
+    assert on_left.sum() > 100
+    np.testing.assert_allclose(ours[on_left], theirs[on_left], atol=1e-6)
+    has_history = np.arange(len(ours)) > int(np.ceil(m / 4))
+    assert (ours[has_history] >= theirs[has_history] - 1e-6).all()  # never nearer than the two-sided one
+
+
+def test_a_shape_anomaly_in_the_normal_range_is_found_by_the_discord_not_the_point_model(shape_series) -> None:
+    train, test = shape_series
+    truth = test["anomaly"].to_numpy()
+    found = {}
+    for method in ("point", "discord"):
+        model = AnomalyTask(features=["value"], methods=[method]).fit(train).model
+        scores = model.score(test)
+        found[method] = (ucr_hit(scores, truth), evaluate_flags(scores > model.threshold, truth,
+                                                               test["device_id"].to_numpy())["event_recall"])
+    assert found["discord"] == (True, 1.0)
+    assert not found["point"][0]
+
+
+def test_without_labels_the_selection_is_by_injected_anomalies_and_is_logged(shape_series) -> None:
+    train, _ = shape_series
+    result = AnomalyTask(features=["value"]).fit(train)
+    params = result.params
+    assert params["selection"] == "injected_event_rank"
+    assert params["method"] in ("window", "residual", "discord")  # a periodic signal: the point model cannot win
+    figures = {m: params[f"selection_{m}"] for m in ("point", "window", "residual", "discord")}
+    assert params["method"] == max(figures, key=lambda m: figures[m])
+    assert params["period"] == 40 and params["window"] == 40
+    assert params["threshold"] == result.model.threshold
+    assert result.model.describe_inputs()["method"] == params["method"]
+
+
+def test_with_labels_the_selection_is_event_f1_on_the_time_ordered_holdout(shape_series) -> None:
+    train, test = shape_series
+    frame = pd.concat([train, test], ignore_index=True)  # the last 30 % (held out) hold the inverted stretch
+    result = AnomalyTask(features=["value"], label="anomaly").fit(frame)
+    assert result.params["selection"] == "holdout_event_f1"
+    assert result.params["method"] != "point"
+    assert result.metrics["event_recall"] == 1.0
+    assert result.beats_baseline()
+
+
+def test_a_single_served_reading_is_scored_in_its_context(shape_series) -> None:
+    train, test = shape_series
+    model = AnomalyTask(features=["value"], methods=["discord"]).fit(train).model
+    batch = model.predict(test.head(300))
+    served = cloudpickle.loads(cloudpickle.dumps(model))  # as a serving process loads it: no kept readings
+    one_by_one = [served.predict_records([{"device_id": r.device_id, "value": r.value}])[0]
+                  for r in test.head(300).itertuples()]
+    np.testing.assert_allclose([a["score"] for a in one_by_one], batch["score"].to_numpy(), atol=1e-9)
+    assert [a["prediction"] for a in one_by_one] == batch["is_anomaly"].tolist()
+    assert len(served._recent["dev-1"]) == served.context  # bounded: the last `context` readings
+
+
+def test_streamed_commits_continue_the_context(shape_series) -> None:
+    import pyarrow as pa
+
+    train, test = shape_series
+    model = AnomalyTask(features=["value"], methods=["window"]).fit(train).model
+    batch = model.score(test.head(200))
+    parts = [pa.Table.from_pandas(test.iloc[i:i + 50][["device_id", "value"]]) for i in range(0, 200, 50)]
+    streamed = np.concatenate([model.predict_matrix(model.matrix_from_arrow(p)) for p in parts])
+    np.testing.assert_allclose(streamed, batch, atol=1e-9)
+
+
+def test_a_model_pickled_before_the_window_methods_still_scores(shape_series) -> None:
+    train, test = shape_series
+    model = AnomalyTask(features=["value"], methods=["point"]).fit(train).model
+    state = {k: v for k, v in model.__getstate__().items() if k not in ("method", "tail", "_recent")}
+    state["forest"] = model.method.forest
+    old = object.__new__(type(model))
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    np.testing.assert_allclose(old.score(test.head(50)), model.score(test.head(50)))
+
+
+def test_unknown_methods_are_named() -> None:
+    with pytest.raises(InvalidInput, match="'forest'"):
+        AnomalyTask(features=["value"], methods=["forest"])
+    assert AnomalyTask(features=["value"], methods="discord, point").methods == ["point", "discord"]
