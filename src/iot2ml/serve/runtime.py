@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 
 from ..core.errors import InvalidInput, ModelFailed, NotFound
-from ..core.tables import PREDICTION_LOG
+from ..core.tables import MODEL_INPUTS, PREDICTION_LOG
 from .deployments import Deployment, Deployments, Variant
 from .predictors import Prepared, check_instances, predictor_for
 
@@ -285,16 +285,20 @@ class VariantStats:
 # --------------------------------------------------------------------------- prediction log
 
 
-class PredictionLog:
-    """Rows of ``prediction_log``, appended to the lake every second from a buffer (bounded)."""
+class _LakeBuffer:
+    """Rows for one lake table, appended every second from a bounded buffer under this process's own
+    exactly-once mark; a failed append keeps the rows (within the bound) for the next flush."""
 
     MAX_PENDING = 200_000
+    TABLE = ""
+    SCHEMA = ""  # the name of its schema in core.tables
+    APP = ""
 
     def __init__(self, lake: Any | None) -> None:
         self.lake = lake
         self._rows: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
-        self._app = f"iot2ml-serve-{uuid.uuid4().hex[:12]}"
+        self._app = f"{self.APP}-{uuid.uuid4().hex[:12]}"
         self._seq = 0
         self.dropped = 0
         self.written = 0
@@ -312,20 +316,19 @@ class PredictionLog:
     def flush(self) -> int:
         import pyarrow as pa
 
-        from ..core.tables import PREDICTION_LOG_SCHEMA
+        from ..core import tables
 
         with self._lock:
             rows, self._rows = self._rows, []
         if not rows or self.lake is None:
             return 0
-        cols = list(zip(*rows))
-        table = pa.table([pa.array(c, f.type) for c, f in zip(cols, PREDICTION_LOG_SCHEMA)],
-                         schema=PREDICTION_LOG_SCHEMA)
+        schema = getattr(tables, self.SCHEMA)
+        table = pa.table([pa.array(c, f.type) for c, f in zip(zip(*rows), schema)], schema=schema)
         self._seq += 1
         try:
-            self.lake.append(PREDICTION_LOG, table, app_id=self._app, version=self._seq)
+            self.lake.append(self.TABLE, table, app_id=self._app, version=self._seq)
         except Exception as err:  # noqa: BLE001 - keep the rows for the next try, within the bound
-            log.warning("prediction_log append failed (%s); retrying with the next flush", err)
+            log.warning("%s append failed (%s); retrying with the next flush", self.TABLE, err)
             with self._lock:
                 self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
             return 0
@@ -333,7 +336,13 @@ class PredictionLog:
         return len(rows)
 
 
-class InputCapture:
+class PredictionLog(_LakeBuffer):
+    """Rows of ``prediction_log``, appended to the lake every second from a buffer (bounded)."""
+
+    TABLE, SCHEMA, APP = PREDICTION_LOG, "PREDICTION_LOG_SCHEMA", "iot2ml-serve"
+
+
+class InputCapture(_LakeBuffer):
     """Rows of ``model_inputs``: a sample of the instances each model received and what it answered
     (REST, MQTT and streamed rows alike), appended to the lake every second from a bounded buffer.
 
@@ -344,17 +353,14 @@ class InputCapture:
     """
 
     MAX_PENDING = 100_000
+    TABLE, SCHEMA, APP = MODEL_INPUTS, "MODEL_INPUTS_SCHEMA", "iot2ml-capture"
 
     def __init__(self, lake: Any | None, *, sample: float, per_second: int) -> None:
-        self.lake = lake if sample > 0 and per_second > 0 else None
+        super().__init__(lake if sample > 0 and per_second > 0 else None)
         self.sample, self.per_second = sample, per_second
-        self._rows: list[tuple[Any, ...]] = []
-        self._lock = threading.Lock()
         self._used: dict[str, tuple[int, int]] = {}  # model -> (second, instances kept in it)
-        self._app = f"iot2ml-capture-{uuid.uuid4().hex[:12]}"
-        self._seq = 0
         self._draw = random.Random()
-        self.capped = self.dropped = self.failed = self.written = 0
+        self.capped = self.failed = 0
 
     def choose(self, name: str, n: int) -> list[int]:
         """Which of ``n`` instances answered by ``name`` now to keep (sorted positions)."""
@@ -377,36 +383,6 @@ class InputCapture:
         if keep <= 0:
             return []
         return list(range(n)) if keep == n else sorted(self._draw.sample(range(n), keep))
-
-    def add(self, rows: list[tuple[Any, ...]]) -> None:
-        with self._lock:
-            room = self.MAX_PENDING - len(self._rows)
-            if room < len(rows):
-                self.dropped += len(rows) - max(room, 0)
-                rows = rows[:max(room, 0)]
-            self._rows.extend(rows)
-
-    def flush(self) -> int:
-        import pyarrow as pa
-
-        from ..core.tables import MODEL_INPUTS, MODEL_INPUTS_SCHEMA
-
-        with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows or self.lake is None:
-            return 0
-        cols = list(zip(*rows))
-        table = pa.table([pa.array(c, f.type) for c, f in zip(cols, MODEL_INPUTS_SCHEMA)], schema=MODEL_INPUTS_SCHEMA)
-        self._seq += 1
-        try:
-            self.lake.append(MODEL_INPUTS, table, app_id=self._app, version=self._seq)
-        except Exception as err:  # noqa: BLE001 - keep the rows for the next try, within the bound
-            log.warning("model_inputs append failed (%s); retrying with the next flush", err)
-            with self._lock:
-                self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
-            return 0
-        self.written += len(rows)
-        return len(rows)
 
     def describe(self) -> dict[str, int]:
         return {"written": self.written, "capped": self.capped, "dropped": self.dropped, "failed": self.failed}
