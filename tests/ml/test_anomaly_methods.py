@@ -105,7 +105,56 @@ def test_a_single_served_reading_is_scored_in_its_context(shape_series) -> None:
                   for r in test.head(300).itertuples()]
     np.testing.assert_allclose([a["score"] for a in one_by_one], batch["score"].to_numpy(), atol=1e-9)
     assert [a["prediction"] for a in one_by_one] == batch["is_anomaly"].tolist()
-    assert len(served._recent["dev-1"]) == served.context  # bounded: the last `context` readings
+    assert len(served._recent["dev-1"]) == min(2 * served.context, served.context + 300)  # bounded: AnomalyModel._matrix
+
+
+def test_a_reading_seen_on_two_channels_gets_one_score_and_is_kept_once(shape_series) -> None:
+    """A device's reading asked about over REST (a record with its ts) and then streamed from the lake
+    (a row with the same ts) is scored alike and joins the context once; a late reading is scored in
+    the context before it."""
+    import pyarrow as pa
+
+    train, test = shape_series
+    model = AnomalyTask(features=["value"], methods=["window"]).fit(train).model
+    rows = test.head(120)
+    batch = model.score(rows)
+    records = [{"device_id": r.device_id, "ts": r.ts.isoformat(), "value": r.value} for r in rows.itertuples()]
+    rest, streamed = [], []
+    for i in range(0, len(rows), 20):  # the streaming scorer reads each commit after the devices asked
+        rest += [model.predict_records([r])[0]["score"] for r in records[i:i + 20]]
+        part = pa.Table.from_pandas(rows.iloc[i:i + 20][["device_id", "ts", "value"]])
+        streamed += model.predict_matrix(model.matrix_from_arrow(part)).tolist()
+    kept = model._recent["dev-1"].copy()
+    assert len(kept) == 2 * model.context
+    np.testing.assert_allclose(kept[-len(rows):], model.scaler.transform(rows["device_id"].to_numpy(),
+                                                                         rows[["value"]].to_numpy())[-len(kept):])
+    np.testing.assert_allclose(rest, batch, atol=1e-9)
+    np.testing.assert_allclose(streamed, batch, atol=1e-9)
+    np.testing.assert_array_equal(model._recent["dev-1"], kept)  # nothing kept twice
+    late = model.predict_records([{**records[60], "value": records[60]["value"] + 5}])[0]["score"]
+    assert late > batch[60]  # scored in its own context, not after the newer readings
+    np.testing.assert_array_equal(model._recent["dev-1"], kept)
+    with pytest.raises(InvalidInput, match=r"instances\[0\]\.ts"):
+        model.predict_records([{**records[0], "ts": "yesterday-ish"}])
+
+
+def test_a_loaded_model_warmed_with_the_lake_scores_as_batch_scoring_does(shape_series) -> None:
+    """A serving process that loads a window model long after training takes the readings sent since
+    (its device type's table) as context: the next reading scores as in a batch over all of them."""
+    import pyarrow as pa
+
+    train, test = shape_series
+    model = AnomalyTask(features=["value"], methods=["window"]).fit(train).model
+    batch = model.score(test.head(400))
+    served = cloudpickle.loads(cloudpickle.dumps(model))
+    gap = pa.Table.from_pandas(test.iloc[:300][["device_id", "ts", "value"]].sample(frac=1.0, random_state=1))
+    assert served.warm(gap) == min(300, 2 * served.context)
+    assert served.warm(gap) == 0  # readings it holds are not taken again
+    after = [served.predict_records([{"device_id": r.device_id, "ts": r.ts.isoformat(), "value": r.value}])[0]
+             for r in test.iloc[300:400].itertuples()]
+    np.testing.assert_allclose([a["score"] for a in after], batch[300:400], atol=1e-9)
+    cold = cloudpickle.loads(cloudpickle.dumps(model)).score(test.iloc[300:400])
+    assert not np.allclose(cold, batch[300:400])  # without the warm-up the context would be the training tail
 
 
 def test_streamed_commits_continue_the_context(shape_series) -> None:
@@ -122,7 +171,7 @@ def test_streamed_commits_continue_the_context(shape_series) -> None:
 def test_a_model_pickled_before_the_window_methods_still_scores(shape_series) -> None:
     train, test = shape_series
     model = AnomalyTask(features=["value"], methods=["point"]).fit(train).model
-    state = {k: v for k, v in model.__getstate__().items() if k not in ("method", "tail", "_recent")}
+    state = {k: v for k, v in model.__getstate__().items() if k not in ("method", "tail", "tail_ts", "_recent", "_recent_ts")}
     state["forest"] = model.method.forest
     old = object.__new__(type(model))
     old.__setstate__(pickle.loads(pickle.dumps(state)))

@@ -7,7 +7,9 @@ row models, from a streaming deployment scoring rows appended to a lake table (i
 rows and the answers it publishes to the devices). Predicted class, value, score, flag,
 probabilities and quantiles agree to 1e-9. A per-entity model takes each record or streamed row as
 one reading of its own entity, the same as batch-scoring entities with one reading each, and the
-aggregated columns of an entity's history as batch scoring aggregates them."""
+aggregated columns of an entity's history as batch scoring aggregates them. A window anomaly model
+scores each reading after its device's earlier ones (the training tail, then what it was sent): the
+same reading seen again on another channel (known by its ``ts``) gets the same score."""
 
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ MODELS: dict[str, tuple[str, str, str | None, list[str]]] = {
     "wine-batch": ("classify", "wine", "wine", ["batch_id", *WINE]),
     "wine-score": ("regress", "wine", "wine", [*WINE, "colour"]),
     "pump-alarm": ("anomaly", "pump", "pump", PUMP),
+    "pump-window": ("anomaly", "pump", "pump", PUMP),  # scores each reading in its device's context
     "air-24": ("forecast", "air", None, []),
 }
 
@@ -146,12 +149,14 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     train["batch_id"] = [f"b{i // 3:03d}" for i in range(len(train))]
     write(bench.lake, "wine_train", train, 1)
     write(bench.lake, "pump_train", pumps(240, 2, "2026-01-01"), 1)
+    write(bench.lake, "pump_long", pumps(720, 5, "2026-01-05"), 1)
     write(bench.lake, "air", air(), 1)
     jobs = {
         "wine-class": ("wine_train", {"label": "quality", "features": [*WINE, "colour"], "folds": 3}),
         "wine-batch": ("wine_train", {"label": "quality", "entity": "batch_id", "features": WINE, "folds": 3}),
         "wine-score": ("wine_train", {"label": "score", "features": [*WINE, "colour"], "folds": 3}),
         "pump-alarm": ("pump_train", {"features": PUMP, "label": "blocked"}),
+        "pump-window": ("pump_long", {"features": PUMP, "methods": ["window"]}),
         "air-24": ("air", {"target": "ozone", "horizon": HORIZON, "folds": 2, "n_jobs": 1,
                            "candidates": "seasonal_naive,lightgbm"}),
     }
@@ -187,7 +192,10 @@ def records(name: str, frame: pd.DataFrame) -> list[dict[str, Any]]:
         s1 = frame[frame["device_id"] == "s1"]
         return [{"device_id": "s0"}, {"device_id": "s1", "start": s1["ts"].iloc[0].isoformat(),
                                       "target": s1["ozone"].tolist()}, {"device_id": "s2"}]
-    return frame[["device_id", *fields]].to_dict("records")
+    out = frame[["device_id", *fields]].to_dict("records")
+    if task == "anomaly":  # a context model tells a reading seen on another channel by its ts
+        out = [{**r, "ts": ts.isoformat()} for r, ts in zip(out, frame["ts"])]
+    return out
 
 
 def test_every_channel_answers_every_task_alike(scored: dict[str, Any], make_broker: Any) -> None:
@@ -307,3 +315,41 @@ def test_every_channel_answers_every_task_alike(scored: dict[str, Any], make_bro
         server.stop()
         catalog.close()
     assert not problems, "\n".join(problems[:20])
+
+
+def test_a_serving_process_takes_what_its_devices_sent_since_training_as_context(scored: dict[str, Any]) -> None:
+    """A serving process that loads the window model after its devices sent more readings (the
+    ``pump`` table) scores the next reading after them, as batch scoring over all of them does, not
+    after the training tail."""
+    import asyncio
+
+    from iot2ml.components import serving_runtime
+
+    settings, bench = scored["settings"], scored["bench"]
+    later = pumps(240, 6, "2026-03-01")
+    gap, ask = later[later["ts"] < "2026-03-01 03:00"], later[later["ts"] >= "2026-03-01 03:00"].iloc[::60]
+    write(bench.lake, "pump", gap.assign(_seq=np.arange(1, len(gap) + 1)), 7)
+    sent = bench.lake.dataset("pump").to_table().to_pandas()  # with what an earlier test streamed, if it ran
+    model = bench.registry.load("pump-window", "1", unwrap=True)
+    want = model.predict(pd.concat([sent[["device_id", "ts", *PUMP]], ask[["device_id", "ts", *PUMP]]],
+                                   ignore_index=True))["score"].to_numpy()[len(sent):]
+    cold = model.predict(ask)["score"].to_numpy()
+    assert not np.allclose(want, cold)  # the readings in between matter
+
+    catalog = Catalog(settings.catalog)
+    Deployments(catalog).put(build_spec(None, "pump-window", devices="pump"), who="test", action="deploy")
+
+    async def ask_fresh_process() -> list[float]:
+        runtime = serving_runtime(settings, catalog)
+        await runtime.start()
+        try:
+            answer = await runtime.predict("pump-window", records("pump-window", ask))
+        finally:
+            await runtime.stop()
+        return [p["score"] for p in answer.predictions]
+
+    try:
+        got = asyncio.run(ask_fresh_process())
+    finally:
+        catalog.close()
+    np.testing.assert_allclose(got, want, atol=TOL)

@@ -44,8 +44,10 @@ How ``AnomalyTask.fit`` works:
   holdout's ``flagged_rate`` (lower is better). ``ucr_hit`` is the UCR archive's rule for a series
   with one anomaly (the top score within 100 readings of it).
 - The returned model is the chosen method refit on all rows, its threshold calibrated by the same
-  rule; it keeps each device's last ``context`` standardised readings so that serving scores a single
-  new reading in its context (``AnomalyModel``).
+  rule; it keeps each device's last ``context`` standardised readings (and their times) so that
+  serving scores a single new reading in its context; a serving process adds what the devices sent
+  since training before it answers, and each reading once however many channels see it
+  (``AnomalyModel``).
 - ``compare`` (for promotion) scores the holdout flags above and the champion's flags on the
   holdout readings newer than the champion's training data (at least ``min_holdout``, default 50).
 
@@ -78,6 +80,7 @@ from .base import (
     record_number,
     require_arrow_columns,
     too_few,
+    utc,
 )
 from .base import require_columns as _missing
 
@@ -170,6 +173,44 @@ def _groups(keys: np.ndarray) -> dict[Any, np.ndarray]:
     return {uniques[k]: order[bounds[k]:bounds[k + 1]] for k in range(len(uniques))}
 
 
+NO_TS = np.iinfo(np.int64).min
+"""A reading without a timestamp (always taken as new)."""
+
+
+def _arrow_ts(table: Any) -> np.ndarray:
+    """The ``ts`` column of an Arrow table as int64 ns since the epoch (``NO_TS`` for nulls)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = table.column("ts")
+    if pa.types.is_timestamp(column.type):
+        column = pc.cast(column, pa.timestamp("ns", tz=column.type.tz))
+        return pc.fill_null(pc.cast(column, pa.int64()), NO_TS).to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):  # epoch seconds
+        seconds = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        return np.where(np.isfinite(seconds), seconds * 1e9, NO_TS).astype(np.int64)
+    return _record_ts([{"ts": v} for v in column.to_pylist()], field_name="ts")
+
+
+def _record_ts(records: Records, *, field_name: str = "ts") -> np.ndarray:
+    """Each record's ``ts`` (ISO 8601 text or epoch seconds) as int64 ns; ``NO_TS`` where absent.
+    A value that is neither raises ``InvalidInput`` naming ``instances[i].ts``."""
+    out = np.full(len(records), NO_TS, dtype=np.int64)
+    for i, record in enumerate(records):
+        value = record.get(field_name)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[i] = int(float(value) * 1e9)
+            else:
+                out[i] = utc(value).as_unit("ns").value
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidInput(f"instances[{i}].{field_name} is {value!r}: send ISO 8601 text such as "
+                               "2026-11-22T03:00:00Z or epoch seconds") from None
+    return out
+
+
 @dataclass
 class AnomalyModel:
     """A fitted detector: ``predict`` gives ``<entity>``, ``ts``, ``score`` and ``is_anomaly`` per reading.
@@ -179,8 +220,11 @@ class AnomalyModel:
     matrix here: ``predict(frame)`` (batch: each device's rows in time order, after the device's last
     training readings), ``matrix_from_records`` (REST, MQTT: records in arrival order) and
     ``matrix_from_arrow`` (streaming: the rows of one commit), then ``predict_matrix`` and ``answers``.
-    The online two keep, per device, the last ``context`` readings they scored (starting from the
-    training tail), so a single new reading is scored in its context; a point model keeps nothing.
+    The online two keep, per device, the readings they scored (starting from the training tail, or
+    from ``warm``: what the device type's lake table got since training, which a serving process
+    reads when it loads the model), so a single new reading is scored in its context; a reading seen
+    again (same ``ts``, e.g. asked over REST then streamed from the lake) gets the score it got the
+    first time and is kept once (``_matrix``). A point model keeps nothing.
     Readings are standardised per device (a device unseen in training with its own readings in the
     same request when it has ``MIN_OWN_ROWS``, else with the fleet's).
     """
@@ -193,20 +237,24 @@ class AnomalyModel:
     flagged_rate: float  # share of the training readings above the threshold
     tail: dict[Any, np.ndarray] = field(default_factory=dict, repr=False)
     """Each device's last ``context`` standardised training readings: batch scoring's context."""
+    tail_ts: dict[Any, np.ndarray] = field(default_factory=dict, repr=False)
+    """Their timestamps (int64 ns since the epoch)."""
     _recent: dict[Any, np.ndarray] = field(default_factory=dict, repr=False)
+    _recent_ts: dict[Any, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_lock", None)
-        state["_recent"] = {}  # a loaded model starts from the training tail
+        state["_recent"], state["_recent_ts"] = {}, {}  # a loaded model starts from the training tail
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "method" not in state:  # pickled before the window methods: a point-wise forest
             method = _methods.PointForest()
             method.forest = state.pop("forest")
-            state = {**state, "method": method, "tail": {}, "_recent": {}}
+            state = {**state, "method": method, "tail": {}}
+        state = {"tail_ts": {}, **state, "_recent": {}, "_recent_ts": {}}
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
@@ -229,33 +277,100 @@ class AnomalyModel:
         return {"task": "anomaly", "fields": [*self.features, self.entity], "features": list(self.features),
                 "entity": self.entity, "method": self.name, "context": self.context}
 
-    def _matrix(self, keys: np.ndarray, z: np.ndarray, *, remember: bool) -> np.ndarray:
+    def _before(self, key: Any, n_features: int, *, remember: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A device's context: its kept recent readings (``remember``) or its training tail, with their
+        timestamps (``NO_TS`` where unknown)."""
+        z = self._recent.get(key) if remember else None
+        ts = self._recent_ts.get(key) if remember else None
+        if z is None:
+            z, ts = self.tail.get(key), self.tail_ts.get(key)
+        if z is None:
+            return np.empty((0, n_features)), np.empty(0, dtype=np.int64)
+        if ts is None or len(ts) != len(z):
+            ts = np.full(len(z), NO_TS, dtype=np.int64)
+        return z, ts
+
+    def _matrix(self, keys: np.ndarray, z: np.ndarray, *, remember: bool, ts: np.ndarray | None = None
+                ) -> np.ndarray:
         """Matrix rows of standardised readings ``z`` (each device's in time order), each after its
-        device's context: the kept recent readings (``remember``: and keep the newest) or the tail."""
+        device's context: the kept recent readings (``remember``: and keep the new ones) or the tail.
+
+        ``ts`` (int64 ns, ``NO_TS`` where a reading has none): with ``remember``, a reading not newer
+        than its device's newest kept one (the same reading seen again on another channel, or a late
+        one) is scored after the kept readings older than it and not kept again, so a reading gets the
+        same score on every channel and the context holds each reading once. Each device keeps
+        ``2 * context`` readings, so a reading seen again after up to ``context`` newer ones still
+        finds its whole context."""
         method, context = self.method, self.context
         if context == 0 or not len(z):
             return method.rows(None, z, 0)
         out: np.ndarray | None = None
+        keep = 2 * context
         with self._lock:
             for key, idx in _groups(keys).items():
-                before = (self._recent.get(key, self.tail.get(key)) if remember else self.tail.get(key))
-                if before is None:
-                    before = np.empty((0, z.shape[1]))
-                whole = np.vstack([before, z[idx]])
-                rows = method.rows(key, whole, len(before))
-                if out is None:
-                    out = np.empty((len(z), rows.shape[1]))
-                out[idx] = rows
-                if remember:
-                    self._recent[key] = whole[-context:].copy()
+                before, before_ts = self._before(key, z.shape[1], remember=remember)
+                if ts is None or not remember:
+                    fresh = np.ones(len(idx), dtype=bool)
+                    stamps = np.full(len(idx), NO_TS, dtype=np.int64) if ts is None else ts[idx]
+                else:
+                    stamps = ts[idx]
+                    last = before_ts[-1] if len(before_ts) else NO_TS
+                    newest = np.maximum.accumulate(np.r_[last, stamps])[:-1]
+                    fresh = (stamps > newest) | (stamps == NO_TS)
+                rows_new = None
+                if fresh.any():
+                    recent = before[-context:]
+                    whole = np.vstack([recent, z[idx[fresh]]])
+                    rows_new = method.rows(key, whole, len(recent))
+                    if out is None:
+                        out = np.empty((len(z), rows_new.shape[1]))
+                    out[idx[fresh]] = rows_new
+                    if remember:
+                        before = np.vstack([before, z[idx[fresh]]])[-keep:]
+                        before_ts = np.r_[before_ts, stamps[fresh]][-keep:]
+                        self._recent[key], self._recent_ts[key] = before, before_ts
+                for i in np.flatnonzero(~fresh):  # seen before: scored in the context it had
+                    at = int(np.searchsorted(before_ts, stamps[i], side="left"))
+                    earlier = before[max(0, at - context):at]
+                    row = method.rows(key, np.vstack([earlier, z[idx[i]][None, :]]), len(earlier))
+                    if out is None:
+                        out = np.empty((len(z), row.shape[1]))
+                    out[idx[i]] = row[0]
         assert out is not None
         return out
 
+    def warm(self, table: Any) -> int:
+        """Take an Arrow table of recent readings (the entity, ``ts`` and the features; e.g. the newest
+        of the device type's lake table) as each device's context, without scoring them: a serving
+        process loading the model starts from what its devices sent since training, not from the
+        training tail. Readings not newer than a device's kept ones are skipped. Returns how many
+        readings were kept; 0 for a model without context."""
+        if self.context == 0 or table.num_rows == 0:
+            return 0
+        require_arrow_columns(table, [*self.features, self.entity, "ts"], self._takes())
+        keys = np.array(table.column(self.entity).to_pylist(), dtype=object)
+        values = np.column_stack([arrow_floats(table, f) for f in self.features])
+        stamps = _arrow_ts(table)
+        order = np.lexsort((stamps, pd.factorize(keys)[0]))
+        keys, values, stamps = keys[order], values[order], stamps[order]
+        z = self.scaler.transform(keys, values)
+        kept, keep = 0, 2 * self.context
+        with self._lock:
+            for key, idx in _groups(keys).items():
+                before, before_ts = self._before(key, z.shape[1], remember=True)
+                last = before_ts[-1] if len(before_ts) else NO_TS
+                new = idx[stamps[idx] > last]
+                kept += min(len(new), keep)
+                self._recent[key] = np.vstack([before, z[new]])[-keep:]
+                self._recent_ts[key] = np.r_[before_ts, stamps[new]][-keep:]
+        return kept
+
     def matrix_from_records(self, records: Records, *, ignore: Collection[str] = ()) -> np.ndarray:
         """The model rows of JSON records (in arrival order, each after its device's recent readings,
-        which it then joins); ``ignore``: fields a record may carry that the model does not read.
+        which it then joins; a record's ``ts``, ISO 8601 or epoch seconds, tells a reading seen before,
+        see ``_matrix``); ``ignore``: fields a record may carry that the model does not read.
         Errors name ``instances[i].field``."""
-        accepted = {*self.features, self.entity}
+        accepted = {*self.features, self.entity, "ts"}
         required = [*self.features, self.entity]
         keys = np.empty(len(records), dtype=object)
         values = np.empty((len(records), len(self.features)))
@@ -263,7 +378,8 @@ class AnomalyModel:
             check_record(i, record, accepted, ignore, required, self._takes())
             keys[i] = record[self.entity]
             values[i] = [record_number(record[f], i, f) for f in self.features]
-        return self._matrix(keys, self.scaler.transform(keys, values), remember=True)
+        stamps = _record_ts(records) if self.context else None
+        return self._matrix(keys, self.scaler.transform(keys, values), remember=True, ts=stamps)
 
     def matrix_from_arrow(self, table: Any) -> np.ndarray:
         """The model rows of an Arrow table's rows (in order, as ``matrix_from_records``; columns it
@@ -272,7 +388,8 @@ class AnomalyModel:
         keys = np.array(table.column(self.entity).to_pylist(), dtype=object)
         values = np.column_stack([arrow_floats(table, f) for f in self.features]) if table.num_rows \
             else np.empty((0, len(self.features)))
-        return self._matrix(keys, self.scaler.transform(keys, values), remember=True)
+        stamps = _arrow_ts(table) if self.context and "ts" in table.column_names else None
+        return self._matrix(keys, self.scaler.transform(keys, values), remember=True, ts=stamps)
 
     def matrix_from_frame(self, frame: pd.DataFrame) -> np.ndarray:
         """The model rows of a frame's rows (each device's in ``ts`` order after its training tail;
@@ -706,8 +823,11 @@ class AnomalyTask:
                              contamination=self.contamination, seed=self.seed)
         context = fitted.method.context
         tail = {k: series.z[idx[-context:]].copy() for k, idx in groups.items()} if context else {}
+        stamps = pd.to_datetime(data["ts"], utc=True).dt.as_unit("ns").astype("int64").to_numpy()
+        tail_ts = {k: stamps[idx[-context:]].copy() for k, idx in groups.items()} if context else {}
         return AnomalyModel(entity=self.entity, features=list(self.features), scaler=scaler, method=fitted.method,
-                            threshold=fitted.threshold, flagged_rate=fitted.flagged_rate, tail=tail)
+                            threshold=fitted.threshold, flagged_rate=fitted.flagged_rate, tail=tail,
+                            tail_ts=tail_ts)
 
 
 def model_rule(contamination: float | None, truth: np.ndarray | None) -> str:

@@ -75,6 +75,7 @@ class Loaded:
     size_mb: float
     batcher: Batcher
     loaded_at: float = field(default_factory=time.time)
+    warming: asyncio.Future[None] | None = None  # the warm-up of a context model (``ServingRuntime._model``)
 
 
 class ModelCache:
@@ -510,7 +511,7 @@ class ServingRuntime:
                 for variant in spec.variants:
                     version = await self._resolve(name, variant.ref)
                     if warm:
-                        await self.cache.get(name, version)  # warm before switching
+                        await self._model(name, version, spec)  # loaded and warmed before switching
                     versions[(name, variant.ref)] = version
             except Exception as err:  # noqa: BLE001 - keep what answers now
                 log.error("deployment %s generation %s cannot be served yet: %s", name, spec.generation, err)
@@ -538,6 +539,46 @@ class ServingRuntime:
             gc.collect()
             gc.freeze()
             self._frozen_at = self.cache.loads
+
+    async def _model(self, name: str, version: int, spec: Deployment | None = None) -> Loaded:
+        """Version ``version`` of ``name``, loaded and, for a model that scores a reading in its device's
+        context (an anomaly window method), warmed once per load with what the deployment's device type
+        sent since training (``_warm``): every request of a fresh load waits for that warm-up."""
+        loaded = await self.cache.get(name, version)
+        if loaded.warming is None:
+            spec = spec or self._specs.get(name)
+            table = spec.stream or spec.devices if spec is not None else None
+            loaded.warming = asyncio.ensure_future(
+                asyncio.get_running_loop().run_in_executor(None, self._warm, loaded, table))
+        await asyncio.shield(loaded.warming)
+        return loaded
+
+    def _warm(self, loaded: Loaded, table: str | None) -> None:
+        """Give a context model the newest readings of lake table ``table`` (its device type's) sent
+        after its training data (``AnomalyModel.warm``). A failure is logged: the model then starts
+        from its training tail."""
+        model = getattr(loaded.predictor, "model", None)
+        if table is None or not getattr(model, "context", 0) or not hasattr(model, "warm") or self.lake is None:
+            return
+        try:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            if not self.lake.exists(table):
+                return
+            inputs = loaded.predictor.describe()
+            columns = [inputs["entity"], "ts", *inputs["features"]]
+            stamps = [int(t[-1]) for t in getattr(model, "tail_ts", {}).values() if len(t)]
+            since = pa.scalar(min(stamps), pa.timestamp("ns", tz="UTC")) if stamps else None
+            dataset = self.lake.dataset(table)
+            if since is not None:
+                since = pc.cast(since, dataset.schema.field("ts").type, safe=False)
+            rows = dataset.to_table(columns=columns, filter=pc.field("ts") > since if since is not None else None)
+            kept = model.warm(rows)
+            log.info("%s v%s: %d readings of %s since training as context", loaded.name, loaded.version, kept, table)
+        except Exception as err:  # noqa: BLE001 - the model still answers, from its training tail
+            log.warning("%s v%s: could not read the context of its devices from %s: %s: %s",
+                        loaded.name, loaded.version, table, type(err).__name__, err)
 
     def spec(self, name: str) -> Deployment:
         spec = self._specs.get(name)
@@ -586,7 +627,7 @@ class ServingRuntime:
     async def _answer(self, name: str, variant: Variant, instances: list[dict[str, Any]],
                       configuration: dict[str, Any] | None, lenient: bool = False) -> tuple[int, list[Any]]:
         version = self.version_of(name, variant)
-        loaded = await self.cache.get(name, version)
+        loaded = await self._model(name, version)
         allowed = getattr(loaded.predictor, "allowed", None)
         if lenient and allowed is not None:  # a table row: take the model's fields, leave the rest
             instances = [{k: v for k, v in item.items() if k in allowed} for item in instances]
@@ -685,7 +726,7 @@ class ServingRuntime:
     async def _score_table(self, name: str, variant: Variant, part: Any, devices: list[Any], index: list[int],
                            source: str, started: float) -> tuple[int, dict[str, Any]]:
         version = self.version_of(name, variant)
-        loaded = await self.cache.get(name, version)
+        loaded = await self._model(name, version)
         if not hasattr(loaded.predictor, "prepare_table"):
             raise InvalidInput(f"{loaded.task} models are not scored on a stream: use REST or 'iot2ml predict'")
 
