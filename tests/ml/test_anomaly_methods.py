@@ -182,3 +182,22 @@ def test_unknown_methods_are_named() -> None:
     with pytest.raises(InvalidInput, match="'forest'"):
         AnomalyTask(features=["value"], methods=["forest"])
     assert AnomalyTask(features=["value"], methods="discord, point").methods == ["point", "discord"]
+
+
+def test_the_window_method_places_readings_in_the_day() -> None:
+    """A pump on from 08:00 to 18:00 every day that stays on until 22:00 one evening: every reading
+    is normal in level and does not change, only its time of day is wrong."""
+    rng = np.random.default_rng(2)
+    ts = pd.date_range("2026-01-01", periods=12 * 144, freq="10min", tz="UTC")
+    hour = ts.hour.to_numpy()
+    on = (hour >= 8) & (hour < 18)
+    late = (ts >= "2026-01-11 18:00") & (ts < "2026-01-11 22:00")
+    frame = pd.DataFrame({"device_id": "pump-1", "ts": ts,
+                          "power": np.where(on | late, 5.0, 1.0) + rng.normal(0, 0.1, len(ts)), "anomaly": late})
+    result = AnomalyTask(features=["power"], methods=["window"]).fit(frame)
+    assert result.params["cycles"] == "day"
+    scores = result.model.score(frame)
+    evening = np.asarray(late)
+    normal_evenings = (hour >= 18) & (hour < 22) & ~evening
+    assert np.median(scores[evening]) > np.quantile(scores[normal_evenings], 0.99)
+    assert (scores[evening] > result.model.threshold).mean() > 0.5  # without the hour of the day: none flagged

@@ -10,7 +10,10 @@ reading as the batch does.
 - ``point``: IsolationForest over the readings themselves (context 0): level anomalies only.
 - ``window``: IsolationForest over rolling features of the last ``window`` readings per feature:
   the reading, rolling level (mean), spread (std), its departure from the previous readings' mean,
-  slope over the window and first difference: drifts, noise bursts, jumps.
+  slope over the window and first difference: drifts, noise bursts, jumps; and, when the training
+  readings span at least two days (two weeks), the reading's departure from its device's median
+  reading at that hour of the day (of the week) in training (``cycles``): a level normal at noon but
+  not at midnight, found from the clock rather than from a lag, so irregular readings keep it.
 - ``residual``: residuals of a seasonal forecast, ``z[t-P] + mean(z[t-k] - z[t-k-P], k=1..window)``
   (seasonal naive plus the recent level change; without a period ``P`` the mean of the last
   ``window`` readings), in units of the residuals' robust spread on the training readings, largest
@@ -23,7 +26,8 @@ reading as the batch does.
   blockwise with numpy matrix products (the same distances as stumpy's, checked in the tests)
   because stumpy's numba compilation alone takes 25-40 s per process on this 2-core machine.
 
-A score reads only the reading and its past (causal), so batch and streaming agree.
+A score reads only the reading and its past (causal), so batch and streaming agree. ``ts`` (int64 ns
+since the epoch, UTC, aligned with ``z``) is read only by a window method with ``cycles``.
 """
 
 from __future__ import annotations
@@ -65,12 +69,14 @@ class PointForest:
         self.window, self.context = 1, 0
         self.forest: IsolationForest | None = None
 
-    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+    def rows(self, key: Any, z: np.ndarray, start: int, ts: np.ndarray | None = None) -> np.ndarray:
         return z[start:]
 
-    def fit(self, per_device: dict[Any, np.ndarray], seed: int) -> np.ndarray:
-        """Fit on each device's readings; the training matrix (devices in the order given)."""
-        matrix = np.vstack([self.rows(k, z, 0) for k, z in per_device.items()])
+    def fit(self, per_device: dict[Any, np.ndarray], seed: int, times: dict[Any, np.ndarray] | None = None
+            ) -> np.ndarray:
+        """Fit on each device's readings (``times``: their timestamps); the training matrix (devices in
+        the order given)."""
+        matrix = np.vstack([self.rows(k, z, 0, (times or {}).get(k)) for k, z in per_device.items()])
         self.forest = _forest(matrix, seed)
         return matrix
 
@@ -88,11 +94,23 @@ class WindowForest(PointForest):
 
     name = "window"
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, cycles: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.window, self.context = int(window), int(window)
+        self.cycles = tuple(cycles)
+        self.profiles: dict[Any, np.ndarray] = {}  # per device: median reading per hour of the cycle
+        self.fleet_profile: np.ndarray | None = None
 
-    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+    def fit(self, per_device: dict[Any, np.ndarray], seed: int, times: dict[Any, np.ndarray] | None = None
+            ) -> np.ndarray:
+        if self.cycles:
+            buckets = {k: hour_of_cycle((times or {})[k], self.cycles) for k in per_device}
+            self.profiles = {k: _profile(z, buckets[k], self.cycles) for k, z in per_device.items()}
+            self.fleet_profile = _profile(np.vstack(list(per_device.values())),
+                                          np.concatenate(list(buckets.values())), self.cycles)
+        return super().fit(per_device, seed, times)
+
+    def rows(self, key: Any, z: np.ndarray, start: int, ts: np.ndarray | None = None) -> np.ndarray:
         w = self.window
         frame = pd.DataFrame(z)
         roll = frame.rolling(w, min_periods=1)
@@ -103,7 +121,35 @@ class WindowForest(PointForest):
         lagged = np.where(np.isnan(lagged), z[:1], lagged) if len(z) else lagged
         slope = (z - lagged) / w
         diff = np.diff(z, axis=0, prepend=z[:1]) if len(z) else z
-        return np.hstack([z, mean, std, dev, slope, diff])[start:]
+        parts = [z, mean, std, dev, slope, diff]
+        cycles = getattr(self, "cycles", ())  # pickled before cycles: none
+        if cycles:
+            profile = self.profiles.get(key)
+            profile = self.fleet_profile if profile is None else profile
+            if ts is None or len(ts) != len(z):
+                raise ValueError("this window method compares readings with their hour of the day: it needs their times")
+            parts.append(z - profile[hour_of_cycle(ts, cycles)])
+        return np.hstack(parts)[start:]
+
+
+def hour_of_cycle(ts: np.ndarray, cycles: tuple[int, ...]) -> np.ndarray:
+    """Each reading's hour in the longest of ``cycles`` (0-23 for a day, 0-167 for a week; ``ts`` int64
+    ns since the epoch, UTC)."""
+    hours = np.asarray(ts, dtype=np.int64) // 3_600_000_000_000
+    return (hours % (max(cycles) // 3600)).astype(np.intp)
+
+
+def _profile(z: np.ndarray, buckets: np.ndarray, cycles: tuple[int, ...]) -> np.ndarray:
+    """Median standardised reading per hour of the cycle and feature; an hour without readings gets
+    the median of all (0 departure from the device's level)."""
+    n = max(cycles) // 3600
+    out = np.tile(np.median(z, axis=0) if len(z) else np.zeros(z.shape[1]), (n, 1))
+    order = np.argsort(buckets, kind="stable")
+    bounds = np.searchsorted(buckets[order], np.arange(n + 1))
+    for b in range(n):
+        if bounds[b + 1] > bounds[b]:
+            out[b] = np.median(z[order[bounds[b]:bounds[b + 1]]], axis=0)
+    return out
 
 
 class SeasonalResidual:
@@ -116,7 +162,7 @@ class SeasonalResidual:
         self.context = self.window + (period or 0)
         self.spread: np.ndarray | None = None
 
-    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+    def rows(self, key: Any, z: np.ndarray, start: int, ts: np.ndarray | None = None) -> np.ndarray:
         frame, w, p = pd.DataFrame(z), self.window, self.period
         if p:
             seasonal_step = frame - frame.shift(p)
@@ -126,7 +172,8 @@ class SeasonalResidual:
         residual = (frame - forecast).to_numpy()
         return np.nan_to_num(residual)[start:]  # too little context: residual 0
 
-    def fit(self, per_device: dict[Any, np.ndarray], seed: int) -> np.ndarray:
+    def fit(self, per_device: dict[Any, np.ndarray], seed: int, times: dict[Any, np.ndarray] | None = None
+            ) -> np.ndarray:
         matrix = np.vstack([self.rows(k, z, 0) for k, z in per_device.items()])
         spread = robust_spread(matrix)
         self.spread = spread
@@ -149,7 +196,7 @@ class Discord:
         self.window = int(window)
         self.context = REFERENCE + self.window - 1
 
-    def rows(self, key: Any, z: np.ndarray, start: int) -> np.ndarray:
+    def rows(self, key: Any, z: np.ndarray, start: int, ts: np.ndarray | None = None) -> np.ndarray:
         m, n = self.window, len(z)
         out = np.zeros((n - start, z.shape[1]))
         first = max(start, m - 1)  # the first reading with a whole subsequence behind it
@@ -161,7 +208,8 @@ class Discord:
             out[first - start:, j] = profile
         return out / math.sqrt(m)
 
-    def fit(self, per_device: dict[Any, np.ndarray], seed: int) -> np.ndarray:
+    def fit(self, per_device: dict[Any, np.ndarray], seed: int, times: dict[Any, np.ndarray] | None = None
+            ) -> np.ndarray:
         """Nothing to learn; the training rows are those of each device's last ``covers(n)`` readings
         (at most ``CALIBRATION``, each with at least ``min(REFERENCE, n // 2)`` readings before it:
         a subsequence with little history has few neighbours and looks unusual)."""
@@ -251,12 +299,21 @@ def detect_period(per_device: dict[Any, np.ndarray], *, max_devices: int = 8) ->
     return int(values[np.argmax(counts)])
 
 
-def make(name: str, window: int, period: int | None) -> Any:
+DAY, WEEK = 86_400, 7 * 86_400
+"""The cycles (seconds) a window method may place a reading in."""
+
+
+def cycles_for(span_seconds: float) -> tuple[int, ...]:
+    """The cycles readings spanning ``span_seconds`` show at least twice: (), (DAY,) or (DAY, WEEK)."""
+    return tuple(c for c in (DAY, WEEK) if span_seconds >= 2 * c)
+
+
+def make(name: str, window: int, period: int | None, cycles: tuple[int, ...] = ()) -> Any:
     """A fresh method by name."""
     if name == "point":
         return PointForest()
     if name == "window":
-        return WindowForest(window)
+        return WindowForest(window, cycles)
     if name == "residual":
         return SeasonalResidual(window, period)
     if name == "discord":

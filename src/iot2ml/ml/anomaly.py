@@ -58,6 +58,7 @@ scaling, one model per device).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,12 @@ def _arrow_ts(table: Any) -> np.ndarray:
     return _record_ts([{"ts": v} for v in column.to_pylist()], field_name="ts")
 
 
+def _frame_ts(frame: pd.DataFrame) -> np.ndarray:
+    """A frame's ``ts`` column as int64 ns since the epoch (``NO_TS`` where missing)."""
+    stamps = pd.to_datetime(frame["ts"], utc=True)
+    return stamps.dt.as_unit("ns").astype("int64").where(stamps.notna(), NO_TS).to_numpy(dtype=np.int64)
+
+
 def _record_ts(records: Records, *, field_name: str = "ts") -> np.ndarray:
     """Each record's ``ts`` (ISO 8601 text or epoch seconds) as int64 ns; ``NO_TS`` where absent.
     A value that is neither raises ``InvalidInput`` naming ``instances[i].ts``."""
@@ -306,6 +313,7 @@ class AnomalyModel:
             return method.rows(None, z, 0)
         out: np.ndarray | None = None
         keep = 2 * context
+        now = time.time_ns()  # the time of a reading without one (a window method placing it in the day)
         with self._lock:
             for key, idx in _groups(keys).items():
                 before, before_ts = self._before(key, z.shape[1], remember=remember)
@@ -321,7 +329,8 @@ class AnomalyModel:
                 if fresh.any():
                     recent = before[-context:]
                     whole = np.vstack([recent, z[idx[fresh]]])
-                    rows_new = method.rows(key, whole, len(recent))
+                    whole_ts = np.r_[before_ts[-context:], stamps[fresh]]
+                    rows_new = method.rows(key, whole, len(recent), np.where(whole_ts == NO_TS, now, whole_ts))
                     if out is None:
                         out = np.empty((len(z), rows_new.shape[1]))
                     out[idx[fresh]] = rows_new
@@ -332,7 +341,9 @@ class AnomalyModel:
                 for i in np.flatnonzero(~fresh):  # seen before: scored in the context it had
                     at = int(np.searchsorted(before_ts, stamps[i], side="left"))
                     earlier = before[max(0, at - context):at]
-                    row = method.rows(key, np.vstack([earlier, z[idx[i]][None, :]]), len(earlier))
+                    whole_ts = np.r_[before_ts[max(0, at - context):at], stamps[i]]
+                    row = method.rows(key, np.vstack([earlier, z[idx[i]][None, :]]), len(earlier),
+                                      np.where(whole_ts == NO_TS, now, whole_ts))
                     if out is None:
                         out = np.empty((len(z), row.shape[1]))
                     out[idx[i]] = row[0]
@@ -399,8 +410,9 @@ class AnomalyModel:
         z = self.scaler.transform(keys, _values(frame, self.features))
         if self.context == 0 or "ts" not in frame.columns:
             return self._matrix(keys, z, remember=False)
-        order = np.lexsort((pd.to_datetime(frame["ts"], utc=True).to_numpy(), pd.factorize(keys)[0]))
-        out = self._matrix(keys[order], z[order], remember=False)
+        stamps = _frame_ts(frame)
+        order = np.lexsort((stamps, pd.factorize(keys)[0]))
+        out = self._matrix(keys[order], z[order], remember=False, ts=stamps[order])
         unsorted = np.empty_like(out)
         unsorted[order] = out
         return unsorted
@@ -438,9 +450,13 @@ class _Series:
     z: np.ndarray
     truth: np.ndarray | None
     groups: dict[Any, np.ndarray]  # row positions per device, in time order
+    ts: np.ndarray  # int64 ns since the epoch
 
     def per_device(self, devices: list[Any], mask: np.ndarray | None = None) -> dict[Any, np.ndarray]:
         return {k: self.z[self._pick(k, mask)] for k in devices}
+
+    def times(self, devices: list[Any], mask: np.ndarray | None = None) -> dict[Any, np.ndarray]:
+        return {k: self.ts[self._pick(k, mask)] for k in devices}
 
     def _pick(self, key: Any, mask: np.ndarray | None) -> np.ndarray:
         idx = self.groups[key]
@@ -466,12 +482,13 @@ def _calibrate(scores: np.ndarray, truth: np.ndarray | None, keys: np.ndarray,
 
 
 def _fit_method(name: str, series: _Series, devices: list[Any], mask: np.ndarray | None, *, window: int,
-                period: int | None, contamination: float | None, seed: int) -> _Fitted:
+                period: int | None, contamination: float | None, seed: int, cycles: tuple[int, ...] = ()
+                ) -> _Fitted:
     """Fit method ``name`` on ``devices``' readings (``mask``: only those rows) and calibrate its threshold
     on the training rows it scores (the discord method: each device's reference)."""
-    method = _methods.make(name, window, period)
+    method = _methods.make(name, window, period, cycles)
     per_device = series.per_device(devices, mask)
-    scores = method.score(method.fit(per_device, seed))
+    scores = method.score(method.fit(per_device, seed, series.times(devices, mask)))
     covered = [series._pick(k, mask)[-method.covers(len(z)):] if len(z) else np.empty(0, int)
                for k, z in per_device.items()]
     rows = np.concatenate(covered) if covered else np.empty(0, int)
@@ -489,7 +506,7 @@ def _score_after(fitted: _Fitted, series: _Series, devices: list[Any], train: np
     for key in devices:
         idx = series.groups[key]
         start = int(train[idx].sum())
-        scores.append(fitted.method.score(fitted.method.rows(key, z[idx], start)))
+        scores.append(fitted.method.score(fitted.method.rows(key, z[idx], start, series.ts[idx])))
         where.append(idx[start:])
     return np.concatenate(scores), np.concatenate(where)
 
@@ -555,7 +572,7 @@ def _default_window(period: int | None) -> int:
 
 
 def _select(series: _Series, holdout: np.ndarray, *, candidates: list[str], contamination: float | None,
-            seed: int) -> tuple[str, int, int | None, str, dict[str, float]]:
+            seed: int, cycles: tuple[int, ...] = ()) -> tuple[str, int, int | None, str, dict[str, float]]:
     """The chosen method, its window, the period, the criterion and every candidate's figure
     (module docstring), judged on up to ``SELECTION_DEVICES`` devices."""
     devices = list(series.groups)
@@ -584,7 +601,7 @@ def _select(series: _Series, holdout: np.ndarray, *, candidates: list[str], cont
     figures: dict[str, float] = {}
     for name in candidates:
         fitted = _fit_method(name, series, devices, train, window=window, period=period,
-                             contamination=contamination, seed=seed)
+                             contamination=contamination, seed=seed, cycles=cycles)
         if criterion == "injected_event_rank":
             ranks = []
             for z, labels in injected:
@@ -772,13 +789,18 @@ class AnomalyTask:
         train = ~holdout
         groups = _groups(keys)
 
+        stamps = _frame_ts(data)
         scaler = _DeviceScaler.fit(keys[train], values[train])
-        series = _Series(keys, scaler.transform(keys, values), truth, groups)
+        series = _Series(keys, scaler.transform(keys, values), truth, groups, stamps)
+        cycles = _methods.cycles_for(float(np.median([
+            (stamps[idx][train[idx]].max() - stamps[idx][train[idx]].min()) / 1e9 for idx in groups.values()])))
         chosen, window, period, criterion, figures = _select(
-            series, holdout, candidates=list(self.methods), contamination=self.contamination, seed=self.seed)
+            series, holdout, candidates=list(self.methods), contamination=self.contamination, seed=self.seed,
+            cycles=cycles)
+        cycles = cycles if chosen == "window" else ()
         devices = list(groups)
         trial = _fit_method(chosen, series, devices, train, window=window, period=period,
-                            contamination=self.contamination, seed=self.seed)
+                            contamination=self.contamination, seed=self.seed, cycles=cycles)
         scores, where = _score_after(trial, series, devices, train)
         flags = np.zeros(len(data), dtype=bool)
         flags[where] = scores > trial.threshold
@@ -789,7 +811,7 @@ class AnomalyTask:
         metrics = evaluate_flags(flags, test_truth, keys[holdout])
         baseline = evaluate_flags(base, test_truth, keys[holdout])
 
-        model = self._final(data, keys, values, truth, chosen, window, period)
+        model = self._final(data, keys, values, truth, chosen, window, period, cycles)
         return TrainResult(
             model=model,
             task=self.name,
@@ -798,6 +820,7 @@ class AnomalyTask:
             primary_metric="event_f1" if truth is not None else "flagged_rate",
             greater_is_better=truth is not None,
             params={"method": chosen, "window": model.method.window, "period": period,
+                    "cycles": ",".join({_methods.DAY: "day", _methods.WEEK: "week"}[c] for c in cycles) or None,
                     "selection": criterion,
                     **{f"selection_{name}": round(float(v), 4) for name, v in figures.items()},
                     "threshold_rule": model_rule(self.contamination, truth), "contamination": self.contamination,
@@ -814,16 +837,16 @@ class AnomalyTask:
         )
 
     def _final(self, data: pd.DataFrame, keys: np.ndarray, values: np.ndarray, truth: np.ndarray | None,
-               chosen: str, window: int, period: int | None) -> AnomalyModel:
+               chosen: str, window: int, period: int | None, cycles: tuple[int, ...]) -> AnomalyModel:
         """The chosen method refit on every reading, its threshold calibrated by the same rule."""
         scaler = _DeviceScaler.fit(keys, values)
         groups = _groups(keys)
-        series = _Series(keys, scaler.transform(keys, values), truth, groups)
+        stamps = _frame_ts(data)
+        series = _Series(keys, scaler.transform(keys, values), truth, groups, stamps)
         fitted = _fit_method(chosen, series, list(groups), None, window=window, period=period,
-                             contamination=self.contamination, seed=self.seed)
+                             contamination=self.contamination, seed=self.seed, cycles=cycles)
         context = fitted.method.context
         tail = {k: series.z[idx[-context:]].copy() for k, idx in groups.items()} if context else {}
-        stamps = pd.to_datetime(data["ts"], utc=True).dt.as_unit("ns").astype("int64").to_numpy()
         tail_ts = {k: stamps[idx[-context:]].copy() for k, idx in groups.items()} if context else {}
         return AnomalyModel(entity=self.entity, features=list(self.features), scaler=scaler, method=fitted.method,
                             threshold=fitted.threshold, flagged_rate=fitted.flagged_rate, tail=tail,
