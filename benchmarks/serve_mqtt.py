@@ -25,6 +25,9 @@ CPU       per phase: % of one core for serve, broker (with nats-server), ingest,
           ``machine_busy_percent`` of all cores (also while the platform idles, before measuring): on a
           shared machine other work there skews every figure, the reference's too.
 
+``--model-kind anomaly-window`` deploys an anomaly model of the window method instead (every reading
+scored after its device's previous ones; see ml/_anomaly_methods.py): issue 10's streaming figure.
+
 Targets (acceptance item 3): MQTT request -> reply p99 <= 20 ms at 1k req/s (no lost replies);
 streaming rate >= ingest rate. Prints one JSON line; progress goes to stderr.
 
@@ -161,8 +164,10 @@ def iot2ml_cli(*args: str, env: dict[str, str]) -> str:
 # --------------------------------------------------------------------------- roles run as children
 
 
-def role_train(data_dir: Path) -> None:
-    """Train and register ``wine`` exactly as tests/serve/conftest.py's ``trained`` fixture does."""
+def role_train(data_dir: Path, kind: str = "classify") -> None:
+    """Train and register ``wine`` exactly as tests/serve/conftest.py's ``trained`` fixture does; with
+    ``kind`` ``anomaly-window``: an anomaly model of the window method over the same three features
+    (3,000 readings of 5 stations: the window method needs 500 per device)."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
@@ -171,7 +176,7 @@ def role_train(data_dir: Path) -> None:
     from iot2ml.ml.jobs import TrainJob
     from iot2ml.ml.workbench import Workbench
 
-    n, rng = 400, np.random.default_rng(1)
+    n, rng = (3000 if kind == "anomaly-window" else 400), np.random.default_rng(1)
     alcohol = rng.normal(10.5, 1.2, n)
     acidity = rng.normal(0.5, 0.15, n)
     score = alcohol - 4 * acidity + rng.normal(0, 0.3, n)
@@ -192,9 +197,13 @@ def role_train(data_dir: Path) -> None:
     bench.lake.append("wine", table, app_id="serve-mqtt-bench", version=1)
     job = TrainJob(task="classify", table="wine", name=MODEL,
                    options={"label": "quality", "features": list(FEATURES), "folds": 3})
+    if kind == "anomaly-window":
+        job = TrainJob(task="anomaly", table="wine", name=MODEL,
+                       options={"features": list(FEATURES), "methods": ["window"]})
     with contextlib.redirect_stdout(sys.stderr):  # MLflow prints; stdout carries only the result line
         described = bench.train(job)
-    print(json.dumps({"version": described["version"], "metrics": described.get("metrics", {})}), flush=True)
+    print(json.dumps({"version": described["version"], "task": job.task, "metrics": described.get("metrics", {}),
+                      "method": described.get("params", {}).get("method")}), flush=True)
 
 
 def role_echo(url: str) -> None:
@@ -403,7 +412,8 @@ class Bench:
     # ---- setup ---------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         say("training and registering model wine (child process)")
-        run = subprocess.run([sys.executable, __file__, "--role", "train", "--data-dir", str(self.data_dir)],
+        run = subprocess.run([sys.executable, __file__, "--role", "train", "--data-dir", str(self.data_dir),
+                              "--model-kind", self.args.model_kind],
                              env=self.env, capture_output=True, text=True, timeout=600, check=False)
         if run.returncode != 0:
             raise BenchError(f"training failed ({run.returncode}):\n{run.stderr[-3000:]}")
@@ -734,12 +744,15 @@ def main() -> None:
     ap.add_argument("--stream-timeout", type=float, default=300, help="seconds the streaming phase may take")
     ap.add_argument("--skip-rr", action="store_true", help="skip request/reply")
     ap.add_argument("--skip-stream", action="store_true", help="skip streaming")
+    ap.add_argument("--model-kind", choices=["classify", "anomaly-window"], default="classify",
+                    help="the model deployed: the wine classifier, or an anomaly model of the window method "
+                         "(each reading scored in its device's context)")
     ap.add_argument("--role", choices=["train", "echo"], help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role == "train":
-        return role_train(args.data_dir)
+        return role_train(args.data_dir, args.model_kind)
     if args.role == "echo":
         return role_echo(args.url)
     os.environ["IOT2ML_CONFIG"] = os.devnull  # never a developer's own config

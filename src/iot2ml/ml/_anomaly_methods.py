@@ -37,7 +37,6 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.ensemble import IsolationForest
 
@@ -111,25 +110,77 @@ class WindowForest(PointForest):
         return super().fit(per_device, seed, times)
 
     def rows(self, key: Any, z: np.ndarray, start: int, ts: np.ndarray | None = None) -> np.ndarray:
+        return self.rows_many([(key, z, start, ts)])
+
+    def rows_many(self, segments: list[tuple[Any, np.ndarray, int, np.ndarray | None]]) -> np.ndarray:
+        """The rows of several devices' readings at once (``rows`` of each, stacked): every segment is
+        preceded by ``window`` empty (NaN) readings and all are stacked, so that one pass of windowed
+        sums over the stack reads only each reading's own device. A window's figures depend only on
+        the readings in it (not on where a segment starts), so batch and online scoring agree."""
         w = self.window
-        frame = pd.DataFrame(z)
-        roll = frame.rolling(w, min_periods=1)
-        mean, std = roll.mean().to_numpy(), roll.std().fillna(0.0).to_numpy()
-        past = frame.shift(1).rolling(w, min_periods=1).mean().to_numpy()
+        if not segments:
+            return np.empty((0, 0))
+        n_features = segments[0][1].shape[1]
+        padded, where = _stack(segments, w)
+        first = np.vstack([np.repeat(z[:1], len(z) - start, axis=0) for _, z, start, _ in segments if len(z) > start]
+                          or [np.empty((0, n_features))])
+        mean, std = _window_stats(padded, w, where)
+        past, _ = _window_stats(padded, w, where - 1, spread=False)
+        z = padded[where]
         dev = np.nan_to_num(z - past)
-        lagged = frame.shift(w).to_numpy()
-        lagged = np.where(np.isnan(lagged), z[:1], lagged) if len(z) else lagged
+        lagged = padded[where - w]
+        lagged = np.where(np.isnan(lagged), first, lagged)
         slope = (z - lagged) / w
-        diff = np.diff(z, axis=0, prepend=z[:1]) if len(z) else z
-        parts = [z, mean, std, dev, slope, diff]
+        diff = np.nan_to_num(z - padded[where - 1])
+        parts = [z, mean, np.nan_to_num(std), dev, slope, diff]
         cycles = getattr(self, "cycles", ())  # pickled before cycles: none
         if cycles:
-            profile = self.profiles.get(key)
-            profile = self.fleet_profile if profile is None else profile
-            if ts is None or len(ts) != len(z):
-                raise ValueError("this window method compares readings with their hour of the day: it needs their times")
-            parts.append(z - profile[hour_of_cycle(ts, cycles)])
-        return np.hstack(parts)[start:]
+            departures = []
+            for key, seg, start, ts in segments:
+                profile = self.profiles.get(key)
+                profile = self.fleet_profile if profile is None else profile
+                if ts is None or len(ts) != len(seg):
+                    raise ValueError("this window method compares readings with their hour of the day: "
+                                     "it needs their times")
+                departures.append(seg[start:] - profile[hour_of_cycle(ts[start:], cycles)])
+            parts.append(np.vstack(departures))
+        return np.hstack(parts)
+
+
+def _stack(segments: list[tuple[Any, np.ndarray, int, np.ndarray | None]], pad: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The segments' readings stacked, each behind ``pad`` empty (NaN) rows, and the positions of the
+    readings to score (each segment's from its ``start``)."""
+    n_features = segments[0][1].shape[1]
+    blank = np.full((pad, n_features), np.nan)
+    padded = np.vstack([part for _, z, _, _ in segments for part in (blank, z)])
+    offsets = np.cumsum([0] + [pad + len(z) for _, z, _, _ in segments[:-1]])
+    where = np.concatenate([np.arange(start, len(z)) + pad + off for (_, z, start, _), off in zip(segments, offsets)])
+    return padded, where
+
+
+CHUNK = 65_536
+"""Readings per pass of the windowed statistics (bounds the temporary window x features copies)."""
+
+
+def _window_stats(padded: np.ndarray, w: int, ends: np.ndarray, *, spread: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean and standard deviation (ddof 1, NaN with fewer than two; None without ``spread``) of the
+    non-NaN readings among the ``w`` rows of ``padded`` ending at each of ``ends`` (pandas'
+    ``rolling(w, min_periods=1)``)."""
+    import warnings
+
+    windows = sliding_window_view(padded, w, axis=0)  # row j: padded[j:j + w], shape (rows, features, w)
+    mean = np.empty((len(ends), padded.shape[1]))
+    std = np.empty_like(mean) if spread else None
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows and single readings
+        for lo in range(0, len(ends), CHUNK):
+            block = windows[ends[lo:lo + CHUNK] - w + 1]
+            mean[lo:lo + CHUNK] = np.nanmean(block, axis=-1)
+            if std is not None:
+                std[lo:lo + CHUNK] = np.nanstd(block, axis=-1, ddof=1)
+    return mean, std
 
 
 def hour_of_cycle(ts: np.ndarray, cycles: tuple[int, ...]) -> np.ndarray:
@@ -163,14 +214,21 @@ class SeasonalResidual:
         self.spread: np.ndarray | None = None
 
     def rows(self, key: Any, z: np.ndarray, start: int, ts: np.ndarray | None = None) -> np.ndarray:
-        frame, w, p = pd.DataFrame(z), self.window, self.period
+        return self.rows_many([(key, z, start, ts)])
+
+    def rows_many(self, segments: list[tuple[Any, np.ndarray, int, np.ndarray | None]]) -> np.ndarray:
+        """The residuals of several devices' readings at once, stacked as ``WindowForest.rows_many``
+        does (each segment behind ``window + period`` empty readings)."""
+        w, p = self.window, self.period or 0
+        padded, where = _stack(segments, w + p + 1)
         if p:
-            seasonal_step = frame - frame.shift(p)
-            forecast = frame.shift(p) + seasonal_step.shift(1).rolling(w, min_periods=1).mean()
+            step = np.full_like(padded, np.nan)
+            step[p:] = padded[p:] - padded[:-p]
+            level, _ = _window_stats(step, w, where - 1, spread=False)
+            forecast = padded[where - p] + level
         else:
-            forecast = frame.shift(1).rolling(w, min_periods=1).mean()
-        residual = (frame - forecast).to_numpy()
-        return np.nan_to_num(residual)[start:]  # too little context: residual 0
+            forecast, _ = _window_stats(padded, w, where - 1, spread=False)
+        return np.nan_to_num(padded[where] - forecast)  # too little context: residual 0
 
     def fit(self, per_device: dict[Any, np.ndarray], seed: int, times: dict[Any, np.ndarray] | None = None
             ) -> np.ndarray:
@@ -306,6 +364,13 @@ DAY, WEEK = 86_400, 7 * 86_400
 def cycles_for(span_seconds: float) -> tuple[int, ...]:
     """The cycles readings spanning ``span_seconds`` show at least twice: (), (DAY,) or (DAY, WEEK)."""
     return tuple(c for c in (DAY, WEEK) if span_seconds >= 2 * c)
+
+
+def rows_many(method: Any, segments: list[tuple[Any, np.ndarray, int, np.ndarray | None]]) -> np.ndarray:
+    """``method.rows`` of each ``(key, z, start, ts)`` segment, stacked (at once where the method can)."""
+    if hasattr(method, "rows_many"):
+        return method.rows_many(segments)
+    return np.vstack([method.rows(*segment) for segment in segments])
 
 
 def make(name: str, window: int, period: int | None, cycles: tuple[int, ...] = ()) -> Any:

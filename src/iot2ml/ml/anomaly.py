@@ -311,9 +311,9 @@ class AnomalyModel:
         method, context = self.method, self.context
         if context == 0 or not len(z):
             return method.rows(None, z, 0)
-        out: np.ndarray | None = None
         keep = 2 * context
         now = time.time_ns()  # the time of a reading without one (a window method placing it in the day)
+        segments, targets = [], []
         with self._lock:
             for key, idx in _groups(keys).items():
                 before, before_ts = self._before(key, z.shape[1], remember=remember)
@@ -325,29 +325,25 @@ class AnomalyModel:
                     last = before_ts[-1] if len(before_ts) else NO_TS
                     newest = np.maximum.accumulate(np.r_[last, stamps])[:-1]
                     fresh = (stamps > newest) | (stamps == NO_TS)
-                rows_new = None
                 if fresh.any():
-                    recent = before[-context:]
-                    whole = np.vstack([recent, z[idx[fresh]]])
                     whole_ts = np.r_[before_ts[-context:], stamps[fresh]]
-                    rows_new = method.rows(key, whole, len(recent), np.where(whole_ts == NO_TS, now, whole_ts))
-                    if out is None:
-                        out = np.empty((len(z), rows_new.shape[1]))
-                    out[idx[fresh]] = rows_new
+                    segments.append((key, np.vstack([before[-context:], z[idx[fresh]]]), len(before[-context:]),
+                                     np.where(whole_ts == NO_TS, now, whole_ts)))
+                    targets.append(idx[fresh])
                     if remember:
                         before = np.vstack([before, z[idx[fresh]]])[-keep:]
                         before_ts = np.r_[before_ts, stamps[fresh]][-keep:]
                         self._recent[key], self._recent_ts[key] = before, before_ts
                 for i in np.flatnonzero(~fresh):  # seen before: scored in the context it had
                     at = int(np.searchsorted(before_ts, stamps[i], side="left"))
-                    earlier = before[max(0, at - context):at]
-                    whole_ts = np.r_[before_ts[max(0, at - context):at], stamps[i]]
-                    row = method.rows(key, np.vstack([earlier, z[idx[i]][None, :]]), len(earlier),
-                                      np.where(whole_ts == NO_TS, now, whole_ts))
-                    if out is None:
-                        out = np.empty((len(z), row.shape[1]))
-                    out[idx[i]] = row[0]
-        assert out is not None
+                    lo = max(0, at - context)
+                    whole_ts = np.r_[before_ts[lo:at], stamps[i]]
+                    segments.append((key, np.vstack([before[lo:at], z[idx[i]][None, :]]), at - lo,
+                                     np.where(whole_ts == NO_TS, now, whole_ts)))
+                    targets.append(idx[i:i + 1])
+        rows = _methods.rows_many(method, segments)
+        out = np.empty((len(z), rows.shape[1]))
+        out[np.concatenate(targets)] = rows
         return out
 
     def warm(self, table: Any) -> int:
