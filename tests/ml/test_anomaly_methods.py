@@ -105,7 +105,7 @@ def test_a_single_served_reading_is_scored_in_its_context(shape_series) -> None:
                   for r in test.head(300).itertuples()]
     np.testing.assert_allclose([a["score"] for a in one_by_one], batch["score"].to_numpy(), atol=1e-9)
     assert [a["prediction"] for a in one_by_one] == batch["is_anomaly"].tolist()
-    assert len(served._recent["dev-1"]) == min(2 * served.context, served.context + 300)  # bounded: AnomalyModel._matrix
+    assert len(served._recent["dev-1"]) == min(served.kept, served.context + 300)  # bounded: AnomalyModel._matrix
 
 
 def test_a_reading_seen_on_two_channels_gets_one_score_and_is_kept_once(shape_series) -> None:
@@ -125,7 +125,7 @@ def test_a_reading_seen_on_two_channels_gets_one_score_and_is_kept_once(shape_se
         part = pa.Table.from_pandas(rows.iloc[i:i + 20][["device_id", "ts", "value"]])
         streamed += model.predict_matrix(model.matrix_from_arrow(part)).tolist()
     kept = model._recent["dev-1"].copy()
-    assert len(kept) == 2 * model.context
+    assert len(kept) == model.kept == 2 * model.context
     np.testing.assert_allclose(kept[-len(rows):], model.scaler.transform(rows["device_id"].to_numpy(),
                                                                          rows[["value"]].to_numpy())[-len(kept):])
     np.testing.assert_allclose(rest, batch, atol=1e-9)
@@ -148,7 +148,7 @@ def test_a_loaded_model_warmed_with_the_lake_scores_as_batch_scoring_does(shape_
     batch = model.score(test.head(400))
     served = cloudpickle.loads(cloudpickle.dumps(model))
     gap = pa.Table.from_pandas(test.iloc[:300][["device_id", "ts", "value"]].sample(frac=1.0, random_state=1))
-    assert served.warm(gap) == min(300, 2 * served.context)
+    assert served.warm(gap) == min(300, served.kept)
     assert served.warm(gap) == 0  # readings it holds are not taken again
     after = [served.predict_records([{"device_id": r.device_id, "ts": r.ts.isoformat(), "value": r.value}])[0]
              for r in test.iloc[300:400].itertuples()]
@@ -201,3 +201,35 @@ def test_the_window_method_places_readings_in_the_day() -> None:
     normal_evenings = (hour >= 18) & (hour < 22) & ~evening
     assert np.median(scores[evening]) > np.quantile(scores[normal_evenings], 0.99)
     assert (scores[evening] > result.model.threshold).mean() > 0.5  # without the hour of the day: none flagged
+
+
+def test_the_seasonal_residual_does_not_echo_a_spike_one_period_later() -> None:
+    """The forecast takes the median of the readings one, two and three periods back: a spike is one
+    anomaly, not two (a seasonal naive forecast would see it again a period later)."""
+    rng = np.random.default_rng(5)
+    train, test = wave(2000, rng), wave(600, rng).assign(ts=lambda f: f["ts"] + pd.Timedelta(minutes=2000))
+    test.loc[200, "value"] += 4.0
+    model = AnomalyTask(features=["value"], methods=["residual"]).fit(train).model
+    assert model.method.period == 40
+    scores = model.score(test)
+    assert scores[200] == scores.max() and scores[200] > model.threshold
+    assert scores[240] < model.threshold  # one period later
+
+
+def test_the_drift_reference_scores_training_readings_in_their_context(shape_series) -> None:
+    """The reference profile's scores (what served scores are compared with) are those of the
+    newest training readings after the readings before them, as serving scores them, not of readings
+    sampled at random and scored alone."""
+    from iot2ml.ml.jobs import reference_profile
+
+    train, _ = shape_series
+    model = AnomalyTask(features=["value"], methods=["window"]).fit(train).model
+    sample, answers = model.reference_sample(train, 500)
+    assert len(sample) == 500 and sample["ts"].is_monotonic_increasing
+    assert sample["ts"].iloc[-1] == train["ts"].max()
+    z = model.scaler.transform(train["device_id"].to_numpy(), train[["value"]].to_numpy())
+    stamps = train["ts"].astype("int64").to_numpy()
+    whole = model.predict_matrix(model.method.rows("dev-1", z, 0, stamps))  # every reading after all before it
+    np.testing.assert_allclose([a["score"] for a in answers], whole[-500:], atol=1e-9)
+    profile = reference_profile(model, "anomaly", train)
+    assert profile is not None and "prediction" in profile["columns"]

@@ -159,6 +159,35 @@ def _stack(segments: list[tuple[Any, np.ndarray, int, np.ndarray | None]], pad: 
     return padded, where
 
 
+SEASONS = 3
+"""Earlier periods whose readings at the same phase the residual method's forecast takes the median of."""
+
+
+def _seasonal(padded: np.ndarray, p: int) -> np.ndarray:
+    """Per row, the median of the readings ``p``, ``2p`` .. ``SEASONS * p`` rows earlier (NaN-aware)."""
+    import warnings
+
+    lagged = np.full((SEASONS, *padded.shape), np.nan)
+    for k in range(1, SEASONS + 1):
+        lagged[k - 1, k * p:] = padded[:-k * p]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no earlier period yet
+        return np.nanmedian(lagged, axis=0)
+
+
+def _window_median(padded: np.ndarray, w: int, ends: np.ndarray) -> np.ndarray:
+    """Median of the non-NaN values among the ``w`` rows of ``padded`` ending at each of ``ends``."""
+    import warnings
+
+    windows = sliding_window_view(padded, w, axis=0)
+    out = np.empty((len(ends), padded.shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
+        for lo in range(0, len(ends), CHUNK):
+            out[lo:lo + CHUNK] = np.nanmedian(windows[ends[lo:lo + CHUNK] - w + 1], axis=-1)
+    return out
+
+
 CHUNK = 65_536
 """Readings per pass of the windowed statistics (bounds the temporary window x features copies)."""
 
@@ -210,15 +239,29 @@ class SeasonalResidual:
 
     def __init__(self, window: int, period: int | None) -> None:
         self.window, self.period = int(window), period
-        self.context = self.window + (period or 0)
+        self.context = self.window + SEASONS * (period or 0)
         self.spread: np.ndarray | None = None
+        self.robust = True
 
     def rows(self, key: Any, z: np.ndarray, start: int, ts: np.ndarray | None = None) -> np.ndarray:
         return self.rows_many([(key, z, start, ts)])
 
     def rows_many(self, segments: list[tuple[Any, np.ndarray, int, np.ndarray | None]]) -> np.ndarray:
         """The residuals of several devices' readings at once, stacked as ``WindowForest.rows_many``
-        does (each segment behind ``window + period`` empty readings)."""
+        does (each segment behind ``context`` empty readings)."""
+        w, p = self.window, self.period or 0
+        if not getattr(self, "robust", False):  # pickled before the robust forecast
+            return self._rows_mean(segments)
+        padded, where = _stack(segments, self.context + 1)
+        if p:
+            seasonal = _seasonal(padded, p)
+            level = _window_median(padded - seasonal, w, where - 1)
+            forecast = seasonal[where] + level
+        else:
+            forecast = _window_median(padded, w, where - 1)
+        return np.nan_to_num(padded[where] - forecast)  # too little context: residual 0
+
+    def _rows_mean(self, segments: list[tuple[Any, np.ndarray, int, np.ndarray | None]]) -> np.ndarray:
         w, p = self.window, self.period or 0
         padded, where = _stack(segments, w + p + 1)
         if p:
@@ -228,7 +271,7 @@ class SeasonalResidual:
             forecast = padded[where - p] + level
         else:
             forecast, _ = _window_stats(padded, w, where - 1, spread=False)
-        return np.nan_to_num(padded[where] - forecast)  # too little context: residual 0
+        return np.nan_to_num(padded[where] - forecast)
 
     def fit(self, per_device: dict[Any, np.ndarray], seed: int, times: dict[Any, np.ndarray] | None = None
             ) -> np.ndarray:

@@ -11,8 +11,9 @@ How ``AnomalyTask.fit`` works:
   ``residual`` (residuals of a seasonal naive forecast with the recent level: a reading wrong for its
   time in the cycle) and ``discord`` (left matrix profile of the subsequence ending at the reading:
   shape anomalies). The ``window`` is the period the training readings show (autocorrelation peak,
-  clipped to ``MIN_WINDOW``..``MAX_WINDOW``), else ``DEFAULT_WINDOW``. With less than
-  ``max(MIN_HISTORY, 5 * window)`` training readings per device only ``point`` is a candidate. Every
+  clipped to ``MIN_WINDOW``..``MAX_WINDOW``), else ``DEFAULT_WINDOW``. A method is a candidate only
+  with the training history it needs (``_min_history``: ``window`` and ``discord`` need
+  ``max(MIN_HISTORY, 5 * window)`` readings per device, ``residual`` five windows and two periods). Every
   score reads the reading and its past only; higher is more anomalous.
 - Thresholds: each method's is calibrated on its training scores: with ``contamination`` their
   ``1 - contamination`` quantile (about that share is flagged); without it and with labels, the
@@ -111,9 +112,8 @@ INJECTION_ROUNDS, MIN_INJECTED = 5, 20
 """Without labels, copies of the held-out readings get injected anomalies until this many stretches
 (at most that many copies, each starting the kinds at the next one)."""
 MIN_HISTORY = 500
-"""Training readings (median per device; and 5 windows) the context methods need to be candidates:
-with fewer, the window forest and the discord reference have too few normal windows to learn from,
-and only the point-wise model is fitted."""
+"""Training readings (median per device; and 5 windows) the window forest and the discord need to be
+candidates: with fewer they have too few normal windows to learn from (``_min_history``)."""
 SELECTION_DEVICES = 16
 """Devices (drawn with ``seed``) on which the candidates are compared."""
 
@@ -174,6 +174,8 @@ def _groups(keys: np.ndarray) -> dict[Any, np.ndarray]:
     return {uniques[k]: order[bounds[k]:bounds[k + 1]] for k in range(len(uniques))}
 
 
+SEEN_AGAIN = 256
+"""Newer readings after which a reading seen again on another channel still gets its whole context."""
 NO_TS = np.iinfo(np.int64).min
 """A reading without a timestamp (always taken as new)."""
 
@@ -271,6 +273,11 @@ class AnomalyModel:
         return str(self.method.name)
 
     @property
+    def kept(self) -> int:
+        """Readings kept per device: the context and up to ``SEEN_AGAIN`` more (``_matrix``)."""
+        return self.context + min(self.context, SEEN_AGAIN)
+
+    @property
     def context(self) -> int:
         """Earlier readings of the device that one reading's score reads."""
         return int(self.method.context)
@@ -306,12 +313,12 @@ class AnomalyModel:
         than its device's newest kept one (the same reading seen again on another channel, or a late
         one) is scored after the kept readings older than it and not kept again, so a reading gets the
         same score on every channel and the context holds each reading once. Each device keeps
-        ``2 * context`` readings, so a reading seen again after up to ``context`` newer ones still
-        finds its whole context."""
+        ``kept`` readings (``context`` and up to ``SEEN_AGAIN`` more), so a reading seen again after
+        that many newer ones still finds its whole context."""
         method, context = self.method, self.context
         if context == 0 or not len(z):
             return method.rows(None, z, 0)
-        keep = 2 * context
+        keep = self.kept
         now = time.time_ns()  # the time of a reading without one (a window method placing it in the day)
         segments, targets = [], []
         with self._lock:
@@ -361,7 +368,7 @@ class AnomalyModel:
         order = np.lexsort((stamps, pd.factorize(keys)[0]))
         keys, values, stamps = keys[order], values[order], stamps[order]
         z = self.scaler.transform(keys, values)
-        kept, keep = 0, 2 * self.context
+        kept, keep = 0, self.kept
         with self._lock:
             for key, idx in _groups(keys).items():
                 before, before_ts = self._before(key, z.shape[1], remember=True)
@@ -412,6 +419,25 @@ class AnomalyModel:
         unsorted = np.empty_like(out)
         unsorted[order] = out
         return unsorted
+
+    def reference_sample(self, frame: pd.DataFrame, max_rows: int) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+        """Up to ``max_rows`` of the training ``frame``'s readings (each device's newest) and their
+        answers, each scored after the device's readings before it as serving scores it: what drift
+        checks compare served scores with. (A random sample scored alone would have no context.)"""
+        data = frame[frame[self.entity].notna()].sort_values([self.entity, "ts"], kind="stable")
+        keys = data[self.entity].to_numpy()
+        groups = _groups(keys)
+        per_device = max(1, -(-max_rows // max(1, len(groups))))
+        z = self.scaler.transform(keys, _values(data, self.features))
+        stamps = _frame_ts(data)
+        segments, picked = [], []
+        for key, idx in groups.items():
+            take = min(per_device, len(idx))
+            lo = max(0, len(idx) - take - self.context)
+            segments.append((key, z[idx[lo:]], len(idx) - take - lo, stamps[idx[lo:]]))
+            picked.append(idx[len(idx) - take:])
+        rows = _methods.rows_many(self.method, segments)
+        return data.iloc[np.concatenate(picked)], self.answers(self.predict_matrix(rows))
 
     def predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
         """Anomaly score per row (higher = more anomalous)."""
@@ -563,6 +589,18 @@ def _event_rank(scores: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> flo
     return float((np.searchsorted(clean, tops, side="left") / len(clean)).mean())
 
 
+def _min_history(name: str, window: int, period: int | None) -> int:
+    """Training readings per device (median) method ``name`` needs to be a candidate: the window
+    forest and the discord ``max(MIN_HISTORY, 5 * window)`` (with fewer they have too few normal
+    windows to learn from or to compare with), the seasonal residual five windows and two periods
+    (its forecast reads one period back and its spread needs residuals), the point-wise model 10."""
+    if name in ("window", "discord"):
+        return max(MIN_HISTORY, 5 * window)
+    if name == "residual":
+        return max(5 * window, window + 2 * (period or 0))
+    return 10
+
+
 def _default_window(period: int | None) -> int:
     return int(np.clip(period, MIN_WINDOW, MAX_WINDOW)) if period else DEFAULT_WINDOW
 
@@ -579,8 +617,8 @@ def _select(series: _Series, holdout: np.ndarray, *, candidates: list[str], cont
     period = _methods.detect_period(series.per_device(devices, train))
     window = _default_window(period)
     history = float(np.median([int(train[series.groups[k]].sum()) for k in devices]))
-    if history < max(MIN_HISTORY, 5 * window):  # too little history to learn what a normal window is
-        candidates = [n for n in candidates if n == "point"] or candidates
+    enough = [n for n in candidates if history >= _min_history(n, window, period)]
+    candidates = enough or candidates[:1]
     rows = np.concatenate([series.groups[k] for k in devices])
     truth = series.truth
     if truth is not None and truth[rows][holdout[rows]].any():

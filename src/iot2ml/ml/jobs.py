@@ -193,7 +193,8 @@ def reference_profile(model: Any, task: str, frame: pd.DataFrame, *, max_rows: i
     Row models (classify, regress, anomaly): the raw input fields a REST, MQTT or streamed instance
     carries (``describe_inputs()["features"]``, never the aggregated matrix of a per-entity model) over
     the training rows (a seeded sample of ``max_rows``), plus ``prediction``: the fitted model's answers
-    on those rows, each row one record as serving sees it (``answer_value``). Forecast: ``target`` and
+    on those rows, each row one record as serving sees it (``answer_value``); a model that scores a
+    reading in its device's context picks the rows and answers itself (``reference_sample``). Forecast: ``target`` and
     ``prediction`` are both the target series' values (a forecast should look like the series).
     Training never fails for want of a profile: a failure is logged and the run has none."""
     import logging
@@ -201,14 +202,18 @@ def reference_profile(model: Any, task: str, frame: pd.DataFrame, *, max_rows: i
     from ..monitor.profile import build_profile
 
     try:
-        if len(frame) > max_rows:
+        in_context = getattr(model, "reference_sample", None)  # models that score a reading in its context
+        if in_context is not None:
+            frame, answers = in_context(frame, max_rows)
+        elif len(frame) > max_rows:
             frame = frame.sample(n=max_rows, random_state=seed)
         inputs = model.describe_inputs() if hasattr(model, "describe_inputs") else {}
         if hasattr(model, "matrix_from_arrow"):
             features = [f for f in inputs.get("features", []) if f != PREDICTION]
             read = list(dict.fromkeys([*features, *[f for f in inputs.get("fields", []) if f in frame.columns]]))
             table = pa.Table.from_pandas(frame[read], preserve_index=False)
-            answers = model.answers(model.predict_matrix(model.matrix_from_arrow(table)))
+            if in_context is None:
+                answers = model.answers(model.predict_matrix(model.matrix_from_arrow(table)))
             values = [answer_value(task, a) for a in answers]
             data = {f: table.column(f) for f in features}
             data[PREDICTION] = pa.array(values, pa.string() if task == "classify" else pa.float64())
