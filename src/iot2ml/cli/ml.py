@@ -39,7 +39,7 @@ def _workbench(data_dir: Path | None):
 
 def _print_models(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        keys = ("name", "version", "aliases", "task", "metrics", "baseline_metrics", "data_versions")
+        keys = ("name", "version", "aliases", "task", "metrics", "baseline_metrics", "data_versions", "method")
         print(json.dumps([{k: r.get(k) for k in keys} for r in rows], default=str))
         return
     from rich.table import Table
@@ -99,6 +99,13 @@ def train(
         _print_models([described], True)
         return
     _print_models([described], False)
+    method = described.get("method")
+    if method:  # an anomaly model: which method scores, and from what on a reading is flagged
+        extra = ", ".join(f"{k} {method[k]}" for k in ("window", "period", "cycles")
+                          if k in method and method["method"] != "point")  # point reads no window
+        console.print(f"method {method['method']}" + (f" ({extra})" if extra else "")
+                      + f": a reading is flagged when its score exceeds {float(method['threshold']):.4g}"
+                      + (f" (chosen by {method['selection']})" if "selection" in method else ""))
     if described.get("promotion"):
         console.print(described["promotion"])
 

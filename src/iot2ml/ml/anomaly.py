@@ -114,6 +114,8 @@ INJECTION_ROUNDS, MIN_INJECTED = 5, 20
 MIN_HISTORY = 500
 """Training readings (median per device; and 5 windows) the window forest and the discord need to be
 candidates: with fewer they have too few normal windows to learn from (``_min_history``)."""
+RAMP_WINDOWS = 4
+"""An injected ramp rises over this many windows (slower than the window sees at once)."""
 SELECTION_DEVICES = 16
 """Devices (drawn with ``seed``) on which the candidates are compared."""
 
@@ -537,14 +539,15 @@ def _inject(series: _Series, devices: list[Any], train: np.ndarray, *, window: i
             seed: int, first_kind: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A copy of the standardised readings with anomalies injected into each device's held-out
     readings (one feature at a time, at least two stretches apart), and their labels. The kinds
-    cycle: a spike (+6 robust sd, one reading), a level shift (+3 over ``window``), a stuck sensor
+    cycle: a spike (+6 robust sd, one reading), a level shift (+3 over ``window``), a ramp (a drift
+    rising to +4 over ``RAMP_WINDOWS`` windows: a slow fault such as a blockage building), a stuck sensor
     (the value frozen over ``window``), a noise burst (deviations from the local mean x3 plus 1 sd
     of noise), a reversed stretch (the same values in reverse order: a change of shape within the
     normal range) and, with a period, a wrong-phase segment (the readings of half a period earlier).
     Stretches are ``window`` long, or a quarter of the held-out readings when that is shorter."""
     rng = np.random.default_rng(seed)
     z, labels = series.z.copy(), np.zeros(len(series.z), dtype=bool)
-    kinds = ["spike", "shift", "stuck", "noise", "reverse"] + (["phase"] if period else [])
+    kinds = ["spike", "shift", "ramp", "stuck", "noise", "reverse"] + (["phase"] if period else [])
     k = first_kind
     for key in devices:
         idx = series.groups[key]
@@ -556,22 +559,26 @@ def _inject(series: _Series, devices: list[Any], train: np.ndarray, *, window: i
             kind = kinds[k % len(kinds)]
             k += 1
             feature = int(rng.integers(0, z.shape[1]))
-            length = 1 if kind == "spike" else span
+            length = 1 if kind == "spike" else RAMP_WINDOWS * span if kind == "ramp" else span
             rows = idx[position:position + length]
             col = z[rows, feature]
             if kind == "spike":
                 z[rows, feature] = col + 6.0
             elif kind == "shift":
                 z[rows, feature] = col + 3.0
+            elif kind == "ramp":  # a slow drift up to +4 over several windows, as a blockage builds
+                z[rows, feature] = col + np.linspace(4.0 / len(col), 4.0, len(col))
             elif kind == "stuck":
                 z[rows, feature] = col[0]
             elif kind == "reverse":
                 z[rows, feature] = col[::-1]
             elif kind == "noise":
                 z[rows, feature] = col.mean() + 3.0 * (col - col.mean()) + rng.normal(0, 1.0, len(col))
-            elif period:
-                source = idx[position - period // 2:position - period // 2 + length]
+            elif period and position - period // 2 >= 0:
+                source = idx[position - period // 2:position - period // 2 + len(rows)]
                 z[rows, feature] = z[source, feature]
+            else:  # a phase too early in the device's readings to take half a period back: reversed
+                z[rows, feature] = col[::-1]
             labels[rows] = True
             position += length + gap + int(rng.integers(0, gap))
     return z, labels

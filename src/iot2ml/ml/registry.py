@@ -53,6 +53,15 @@ def tracking_uri_for(data_dir: Path, configured: str | None = None) -> str:
     return f"sqlite:///{(Path(data_dir) / 'mlflow.db').absolute()}"
 
 
+def _method(params: dict[str, str]) -> dict[str, Any] | None:
+    """What an anomaly training chose (its ``method``, ``window``, ``threshold`` and how it chose), from
+    the run's parameters; None for tasks without a method choice."""
+    if "method" not in params:
+        return None
+    keys = ("method", "window", "period", "cycles", "threshold", "selection")
+    return {k: params[k] for k in keys if params.get(k) not in (None, "None", "null", "")}
+
+
 class Registry:
     """Runs and model versions in MLflow."""
 
@@ -269,6 +278,7 @@ class Registry:
             "promotion": run.data.tags.get("iot2ml.promotion.reason"),
             "compared_by": run.data.tags.get("iot2ml.promotion.compared_by"),
             "trained_until": run.data.tags.get(TRAINED_UNTIL),
+            "method": _method(run.data.params),
             "run_id": mv.run_id,
         }
 
