@@ -11,6 +11,10 @@ are parsed back.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,13 +22,65 @@ import httpx
 from .core.errors import AuthError, InvalidInput, Iot2mlError, NotFound, QueryError, Transient
 
 
+def session_path(data_dir: Path) -> Path:
+    """Where ``iot2ml login`` keeps a user's tokens for later commands and ``Client.from_session``."""
+    return Path(data_dir) / "run" / "session.json"
+
+
+def save_session(path: Path, data: dict[str, Any]) -> None:
+    """Write the session file atomically, readable by its owner only (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data))
+    os.replace(tmp, path)
+
+
 class Client:
-    """Talks to a running iot2ml API with an API key."""
+    """Talks to a running iot2ml API with an API key, or as a user (``Client.login``, or
+    ``Client.from_session`` after ``iot2ml login``): the access token is refreshed when it expires."""
 
     def __init__(self, url: str, key: str | None = None, *, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout,
                                   headers={"Authorization": f"Bearer {key}"} if key else {})
+        self._refresh: str | None = None
+        self._session_file: Path | None = None
+
+    @classmethod
+    def login(cls, url: str, username: str, password: str, *, timeout: float = 60.0) -> Client:
+        """A client acting as ``username`` (``POST /api/v1/auth/login``)."""
+        client = cls(url, timeout=timeout)
+        client._use(client._call("POST", "/api/v1/auth/login", json={"username": username, "password": password}))
+        return client
+
+    @classmethod
+    def from_session(cls, data_dir: str | Path = "./data", *, timeout: float = 60.0) -> Client:
+        """A client with the tokens ``iot2ml login`` kept in ``<data_dir>/run/session.json``."""
+        path = session_path(Path(data_dir).expanduser())
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AuthError(f"no login kept under {data_dir}: run 'iot2ml login --user NAME'") from None
+        client = cls(saved["url"], saved["access_token"], timeout=timeout)
+        client._refresh, client._session_file = saved["refresh_token"], path
+        return client
+
+    def logout(self) -> None:
+        """End this client's session (user logins only)."""
+        if self._refresh:
+            self._call("POST", "/api/v1/auth/logout", json={"refresh_token": self._refresh})
+            self._refresh = None
+
+    def _use(self, pair: dict[str, Any]) -> None:
+        self._http.headers["Authorization"] = f"Bearer {pair['access_token']}"
+        self._refresh = pair["refresh_token"]
+        if self._session_file is not None and self._session_file.exists():
+            saved = json.loads(self._session_file.read_text())
+            saved.update(access_token=pair["access_token"], refresh_token=pair["refresh_token"],
+                         expires_at=time.time() + pair["expires_in"])
+            save_session(self._session_file, saved)
 
     def close(self) -> None:
         self._http.close()
@@ -38,6 +94,11 @@ class Client:
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             r = self._http.request(method, path, **kw)
+            if r.status_code == 401 and self._refresh and "expired" in r.text and "headers" not in kw:
+                refresh = self._http.post("/api/v1/auth/refresh", json={"refresh_token": self._refresh})
+                if refresh.status_code == 200:
+                    self._use(refresh.json())
+                    r = self._http.request(method, path, **kw)
         except httpx.HTTPError as err:
             raise Transient(f"iot2ml API at {self.url} is unreachable: {err}") from err
         if r.status_code < 300:

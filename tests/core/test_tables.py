@@ -13,7 +13,7 @@ from iot2ml.core.ids import RESERVED_COLUMNS, RESERVED_TABLES, check_type_name
 
 def test_built_in_tables_are_reserved_and_every_one_has_its_schema():
     assert RESERVED_TABLES == {"raw", "dead_letters", "labels", "predictions", "prediction_log", "alerts",
-                               "model_inputs", "monitor_reports"} == set(tables.BUILT_IN)
+                               "model_inputs", "monitor_reports", "audit"} == set(tables.BUILT_IN)
     for name in tables.BUILT_IN:
         assert isinstance(getattr(tables, f"{name.upper()}_SCHEMA"), pa.Schema)
         with pytest.raises(InvalidInput, match=f"device type '{name}' is reserved"):

@@ -210,7 +210,7 @@ def test_api_refuses_with_the_reason(api):
     url = f"/api/v1/deployments/{MODEL}"
     assert api.put(url, json={}).status_code == 401
     r = api.put(url, headers=api.reader, json={})
-    assert r.status_code == 403 and "needs an admin key" in r.json()["detail"]
+    assert r.status_code == 403 and "deployments:write needs role operator or admin" in r.json()["detail"]
     cases = [
         ({"version": "9"}, 404, "has no version 9"),
         ({"stream": "beer"}, 404, "not a device type"),

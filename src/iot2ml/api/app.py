@@ -5,12 +5,14 @@
                            own runtime: see ``docs/decisions/0009-predictions-on-the-api-port.md``)
 ``ingest.http``            ``POST /api/v1/devices/{device_id}/telemetry``
 ``query.http``             ``POST /api/v1/query``, ``GET /api/v1/tables``
-``auth.http``              ``/api/v1/devices``, ``POST /api/v1/keys``
+``auth.http``              ``/api/v1/auth`` (login, refresh, logout), ``/api/v1/users``, ``/api/v1/keys``,
+                           ``/api/v1/devices``, ``GET /api/v1/audit``
 ``ml.http``                ``POST /api/v1/train``, ``GET /api/v1/models``, ``POST /api/v1/labels``
 ``serve.http``             ``/api/v1/deployments`` (changes wait for the serving processes)
 ``monitor.http``           ``/api/v1/notifiers`` (add, list, remove, test), ``/api/v1/alerts`` (rules, history,
                            ack, silence)
-``core.http``              who is calling, the status of each error, ``GET /metrics``
+``core.http``              who is calling and the permission each route declares, the status of each
+                           error, the audit of writes and refusals (rows: ``auth.audit``), ``GET /metrics``
 =========================  ==========================================================================
 
 Each router gets what it needs as one small object (``core.http.provide``); this module builds
@@ -29,13 +31,25 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from ..auth import Guard
+from ..auth.audit import AuditLog, read_audit
 from ..auth.http import AuthHTTP
 from ..auth.http import router as auth_router
 from ..auth.store import Devices
+from ..auth.users import TokenPolicy
 from ..core.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import BrokerUnavailable
-from ..core.http import Credentials, add_metrics_route, install_error_handlers, known_query_only, provide
+from ..core.http import (
+    PERMISSION_KEY,
+    PUBLIC,
+    Credentials,
+    add_metrics_route,
+    document_permissions,
+    install_audit,
+    install_error_handlers,
+    known_query_only,
+    provide,
+)
 from ..core.runtime import control_token
 from ..ingest.http import Schemas, TelemetryHTTP
 from ..ingest.http import router as telemetry_router
@@ -107,7 +121,8 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     and leaves the canary judge to ``iot2ml serve``)."""
     catalog = catalog or Catalog(settings.catalog)
     lake = lake or Lake(settings.lake, settings.lake_storage_options)
-    guard = Guard(catalog, control=control_token(settings.data_dir))
+    guard = Guard(catalog, control=control_token(settings.data_dir), policy=TokenPolicy.from_settings(settings))
+    audit = AuditLog(lake, component="api")
     broker = _Broker(nats_url)
     benches: list[Any] = []
     building = threading.Lock()  # first used from worker threads, maybe two at once
@@ -126,6 +141,7 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        audit.start()
         await broker.connect()
         await runtime.start()
         try:
@@ -133,21 +149,25 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
         finally:
             await runtime.stop()
             await broker.close()
+            await asyncio.to_thread(audit.stop)
 
     app = FastAPI(
         title="iot2ml",
         version="0.1.0",
-        description="Telemetry in, SQL out, predictions. Devices authenticate with their token, people and "
-                    "scripts with API keys.",
+        description="Telemetry in, SQL out, predictions. Devices authenticate with their token, scripts "
+                    "with API keys, people with an access token from POST /api/v1/auth/login. Each route "
+                    "declares the permission it needs (x-permission); roles grant them.",
         lifespan=lifespan,
         dependencies=[Depends(known_query_only)],
     )
     install_error_handlers(app)
+    install_audit(app, audit, skip=frozenset({"/api/v1/devices/{device_id}/telemetry", "/api/v1/models/{name}/predict"}))
     provide(app, guard, as_type=Credentials)
     provide(app, Serving(runtime, settings.max_payload_bytes, component="api"))
     provide(app, TelemetryHTTP(settings.max_payload_bytes, broker.publish, Schemas(lake)))
     provide(app, QueryHTTP(lake, settings.query_timeout, settings.query_max_rows))
-    provide(app, AuthHTTP(guard.devices, guard.keys))
+    provide(app, AuthHTTP(guard.devices, guard.keys, guard.users, guard.forget,
+                          audit=lambda since, limit: read_audit(lake, since, limit)))
     provide(app, MLHTTP(workbench))
     provide(app, DeploymentsControl(Deployments(catalog), guard.devices, lambda: workbench().registry,
                                     settings.data_dir, runtime=runtime, component="api"))
@@ -158,10 +178,12 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
                    notifiers_router):
         app.include_router(router)
     add_metrics_route(app)
+    document_permissions(app)
 
-    @app.get("/healthz", summary="Liveness and broker connection")
+    @app.get("/healthz", summary="Liveness and broker connection", openapi_extra={PERMISSION_KEY: PUBLIC})
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "broker": broker.connected}
 
     app.state.runtime = runtime
+    app.state.audit = audit
     return app

@@ -16,9 +16,20 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..auth import Guard
+from ..auth.audit import AuditLog
+from ..auth.users import TokenPolicy
 from ..core.catalog import Catalog
 from ..core.config import Settings
-from ..core.http import Credentials, add_metrics_route, install_error_handlers, provide
+from ..core.http import (
+    PERMISSION_KEY,
+    PUBLIC,
+    Credentials,
+    add_metrics_route,
+    document_permissions,
+    install_audit,
+    install_error_handlers,
+    provide,
+)
 from ..core.runtime import control_token
 from ..serve.http import Serving, predict_router
 from ..serve.runtime import ServingRuntime
@@ -30,11 +41,13 @@ def create_serve_app(settings: Settings, *, catalog: Catalog, runtime: ServingRu
                      nats_url: str | Callable[[], str] | None = None) -> FastAPI:
     """The app of ``iot2ml serve``. With ``nats_url`` (a URL or a function giving one) it also answers
     MQTT requests and runs the streaming deployments."""
-    guard = Guard(catalog, control=control_token(settings.data_dir))
+    guard = Guard(catalog, control=control_token(settings.data_dir), policy=TokenPolicy.from_settings(settings))
+    audit = AuditLog(getattr(runtime, "lake", None), component="serve")  # refusals and refreshes
     channels: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        audit.start()
         await runtime.start()
         if nats_url is not None:
             from ..serve.mqtt import run_device_channels
@@ -52,19 +65,23 @@ def create_serve_app(settings: Settings, *, catalog: Catalog, runtime: ServingRu
                 except Exception as err:  # noqa: BLE001 - shutting down anyway
                     log.debug("device channels did not stop cleanly: %s", err)
             await runtime.stop()
+            await asyncio.to_thread(audit.stop)
 
     app = FastAPI(title="iot2ml serving", version="0.1.0", lifespan=lifespan,
                   description="Predictions from deployed models. Devices authenticate with their token, "
-                              "people and scripts with API keys.")
+                              "scripts with API keys, people with an access token (POST /api/v1/auth/login "
+                              "on the API port).")
     install_error_handlers(app)
+    install_audit(app, audit, skip=frozenset({"/api/v1/models/{name}/predict"}))
     provide(app, guard, as_type=Credentials)
     provide(app, Serving(runtime, settings.max_payload_bytes, component="serve"))
     app.include_router(predict_router)
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Liveness", openapi_extra={PERMISSION_KEY: PUBLIC})
     async def healthz() -> dict[str, Any]:
         return {"ok": runtime.ready.is_set(), "deployments": runtime.deployed()}
 
     add_metrics_route(app)
+    document_permissions(app)
     app.state.runtime = runtime
     return app

@@ -1,5 +1,6 @@
-"""Who may do what: the device and API-key stores in the catalog, and the checks made with them
-(device tokens and API keys, cached briefly)."""
+"""Who may do what: roles and their permissions (``roles``), the device, API-key and user stores in
+the catalog (``store``, ``users``), the checks made with them (``guard``: device tokens, API keys,
+users' access tokens, cached briefly) and the audit trail (``audit``)."""
 
 from .guard import Guard, Principal
 from .store import Devices, Keys

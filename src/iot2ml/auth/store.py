@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -23,11 +24,15 @@ from ..core.catalog import Catalog, metadata
 from ..core.devices import Device, DeviceType, parse_schema
 from ..core.errors import AlreadyExists, InvalidInput, NotFound
 from ..core.ids import check_device_id, check_type_name
+from .roles import ROLES as _ROLES
+from .roles import check_role
 
 __all__ = ["BCRYPT_ROUNDS", "Devices", "Keys", "ROLES", "sha256"]
 
 BCRYPT_ROUNDS = 4
-ROLES = ("admin", "reader")
+MAX_KEY_LIFETIME = 100 * 365 * 86400.0
+ROLES = (*_ROLES, "reader")
+"""Roles an API key may take: those of ``auth.roles`` and ``reader`` (viewer + predict; keys made before roles)."""
 
 _types = sa.Table(
     "device_types", metadata,
@@ -50,6 +55,7 @@ _keys = sa.Table(
     sa.Column("key_sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("role", sa.String(16), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),  # epoch seconds; null = never
 )
 
 
@@ -182,22 +188,27 @@ class Devices:
 
 
 class Keys:
-    """API keys and their roles (``admin`` or ``reader``)."""
+    """API keys, their roles (``auth.roles``: viewer, data-scientist, operator, admin; ``reader`` for
+    keys made before roles) and an optional expiry."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         catalog.register(_keys)
 
-    def add_key(self, name: str, role: str = "admin") -> str:
-        """Create the key ``name``; return the key (shown once, stored only hashed)."""
-        if role not in ROLES:
-            raise InvalidInput(f"role {role!r} is not known: use one of {', '.join(ROLES)}")
+    def add_key(self, name: str, role: str = "admin", *, expires: float | None = None) -> str:
+        """Create the key ``name``, valid for ``expires`` seconds (``None``: until removed); return
+        the key (shown once, stored only hashed)."""
+        check_role(role, legacy=True)
         if not name or len(name) > 128:
             raise InvalidInput("key name must be 1-128 characters")
+        if expires is not None and not (0 < expires <= MAX_KEY_LIFETIME):  # NaN too
+            raise InvalidInput(f"expires {expires!r} must be a positive duration up to 100 years, e.g. 30d")
         key = "i2m_" + secrets.token_urlsafe(32)
+        until = None if expires is None else time.time() + expires
         try:
             with self.catalog.begin() as conn:
-                conn.execute(_keys.insert().values(name=name, key_sha256=sha256(key), role=role, created_at=_now()))
+                conn.execute(_keys.insert().values(name=name, key_sha256=sha256(key), role=role, created_at=_now(),
+                                                   expires_at=until))
                 self.catalog.bump(conn)
         except IntegrityError:
             raise AlreadyExists(f"API key {name!r} exists: remove it first or choose another name") from None
@@ -217,15 +228,36 @@ class Keys:
             self.catalog.bump(conn)
 
     def key_role(self, key: str) -> tuple[str, str] | None:
-        """``(name, role)`` of the API key, or ``None``."""
+        """``(name, role)`` of the API key, or ``None`` (unknown, removed or expired)."""
         with self.catalog.connect() as conn:
-            row = conn.execute(sa.select(_keys.c.name, _keys.c.role).where(_keys.c.key_sha256 == sha256(key))).first()
-        return None if row is None else (row.name, row.role)
+            row = conn.execute(sa.select(_keys.c.name, _keys.c.role, _keys.c.expires_at)
+                               .where(_keys.c.key_sha256 == sha256(key))).first()
+        if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
+            return None
+        return row.name, row.role
 
     def list_keys(self) -> list[tuple[str, str]]:
         with self.catalog.connect() as conn:
             rows = conn.execute(sa.select(_keys.c.name, _keys.c.role).order_by(_keys.c.name)).all()
         return [(r.name, r.role) for r in rows]
+
+    def describe_keys(self) -> list[dict[str, Any]]:
+        """Every key: ``name``, ``role``, ``created_at``, ``expires_at`` (RFC 3339 or null), ``expired``."""
+        with self.catalog.connect() as conn:
+            rows = conn.execute(sa.select(_keys.c.name, _keys.c.role, _keys.c.created_at, _keys.c.expires_at)
+                                .order_by(_keys.c.name)).all()
+        now = time.time()
+        return [{"name": r.name, "role": r.role, "created_at": _iso(r.created_at),
+                 "expires_at": None if r.expires_at is None else _iso(datetime.fromtimestamp(r.expires_at, timezone.utc)),
+                 "expired": r.expires_at is not None and r.expires_at <= now} for r in rows]
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite gives naive datetimes back
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat().replace("+00:00", "Z")
 
 
 def _type_from_row(row: Any) -> DeviceType:

@@ -82,30 +82,72 @@ def devices_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url:
 
 @keys_app.command("add")
 def keys_add(
-    name: str, role: Annotated[str, typer.Option(help="admin or reader.")] = "admin",
+    name: str,
+    role: Annotated[str, typer.Option(help="viewer, data-scientist, operator or admin (reader: viewer + "
+                                      "predict, as keys made before roles).")] = "admin",
+    expires: Annotated[str | None, typer.Option(help="Valid for this long, e.g. 30d or 12h (default: until "
+                                                "removed).")] = None,
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
     """Create an API key for the HTTP API and print it (shown once)."""
-    _, keys = _keys(data_dir, catalog_url)
-    key = _run(keys.add_key, name, role)
+    from ..core.timeutil import parse_duration
+
+    seconds = _run(parse_duration, expires) if expires else None
+    settings, keys = _keys(data_dir, catalog_url)
+    key = _run(keys.add_key, name, role, expires=seconds)
+    from .users import audit_cli
+
+    audit_cli(settings, "keys:admin", f"keys add {name} --role {role}" + (f" --expires {expires}" if expires else ""))
     if as_json:
-        print(json.dumps({"name": name, "key": key}))
+        print(json.dumps({"name": name, "key": key, "role": role,
+                          "expires_at": next(k["expires_at"] for k in keys.describe_keys() if k["name"] == name)}))
     else:
-        console.print(f"API key [bold]{name}[/] ({role}): {key}")
+        until = f", expires in {expires}" if expires else ""
+        console.print(f"API key [bold]{name}[/] ({role}{until}): {key}")
+
+@keys_app.command("rotate-admin")
+def keys_rotate_admin(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """Replace the admin key 'iot2ml up' prints (data dir's secrets/admin.key): the old one stops
+    working within 2 s; 'up' prints the new one from now on."""
+    import os
+    import secrets
+
+    settings, keys = _keys(data_dir, catalog_url)
+    key = "i2m_" + secrets.token_urlsafe(32)
+    folder = settings.data_dir / "secrets"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = folder / "admin.key.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    _run(keys.set_key, "admin", key, "admin")
+    os.replace(tmp, folder / "admin.key")
+    from .users import audit_cli
+
+    audit_cli(settings, "keys:admin", "keys rotate-admin")
+    if as_json:
+        print(json.dumps({"name": "admin", "key": key}))
+    else:
+        console.print(f"admin key rotated: {key}")
 
 @keys_app.command("remove")
 def keys_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
-    """Delete an API key."""
-    _, keys = _keys(data_dir, catalog_url)
+    """Delete an API key: it stops working at once on this process's API (within 2 s elsewhere)."""
+    settings, keys = _keys(data_dir, catalog_url)
     _run(keys.remove_key, name)
+    from .users import audit_cli
+
+    audit_cli(settings, "keys:admin", f"keys remove {name}")
     console.print(f"API key {name} removed")
 
 @keys_app.command("list")
 def keys_list(as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
-    """List API key names and roles."""
+    """List API key names, roles and expiry (never the keys)."""
     _, keys = _keys(data_dir, catalog_url)
-    rows = [{"name": n, "role": r} for n, r in keys.list_keys()]
-    print(json.dumps(rows)) if as_json else [console.print(f"{r['name']}\t{r['role']}") for r in rows]
+    rows = [{"name": k["name"], "role": k["role"], "expires_at": k["expires_at"]} for k in keys.describe_keys()]
+    print(json.dumps(rows)) if as_json else [
+        console.print(f"{r['name']}\t{r['role']}" + (f"\texpires {r['expires_at']}" if r["expires_at"] else ""))
+        for r in rows]
 
 @types_app.command("add")
 def types_add(

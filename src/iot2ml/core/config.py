@@ -65,6 +65,17 @@ class Settings(BaseSettings):
                                           "of a notified alert group (Alertmanager's group_interval).")
     monitor_repeat_interval: float = Field(4 * 3600.0, ge=0, description="Seconds before an unchanged firing "
                                            "group is notified again (Alertmanager's repeat_interval).")
+    auth_access_ttl: float = Field(900.0, gt=0, description="Seconds a user's access token (JWT) is valid.")
+    auth_refresh_ttl: float = Field(7 * 86400.0, gt=0, description="Seconds a refresh token is valid (each "
+                                    "refresh answers a new one).")
+    auth_audience: str = Field("iot2ml", min_length=1, description="The 'aud' claim access tokens carry and "
+                               "must carry to be accepted.")
+    auth_max_failures: int = Field(5, ge=1, description="Failed logins in a row before a user is locked out.")
+    auth_max_failures_per_address: int = Field(20, ge=1, description="Failed logins from one client address "
+                                               "before it is locked out.")
+    auth_lockout: float = Field(30.0, ge=0, description="Seconds of the first lockout; each further failure "
+                                "doubles it.")
+    auth_lockout_max: float = Field(900.0, ge=0, description="Longest lockout, in seconds.")
     query_timeout: float = Field(30.0, gt=0, description="Seconds a SQL query may run.")
     query_max_rows: int = Field(100_000, gt=0, description="Most rows a SQL query returns.")
 

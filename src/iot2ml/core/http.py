@@ -1,8 +1,10 @@
 """What every HTTP app of iot2ml shares (the API and the serving process alike).
 
 - Who is calling: ``bearer`` reads ``Authorization: Bearer <token>``; the app is handed the
-  ``Credentials`` that check it (``auth.Guard``) and routes ask for a ``Principal`` by declaring
-  ``Admin``, ``Reader``, ``Caller``, ``Operator`` or ``DeviceOwner``.
+  ``Credentials`` that check it (``auth.Guard``) and every route declares the permission it needs
+  (``needs_permission("models:read")``, ``DeviceOwner`` for a device's own telemetry, ``PUBLIC``),
+  checked against the caller's role (``auth.roles``).
+- Audit: ``install_audit`` hands every write and every denied request to a sink (``auth.audit``).
 - What a route needs: each module's router names a small object of its dependencies (``needs``);
   the composition root hands it in with ``provide(app, obj)``. No route reaches into another module.
 - Errors: ``http_status(err)`` is the one status mapping of the error tree drawn in
@@ -16,7 +18,10 @@ Imported only by the HTTP modules (``import iot2ml`` loads no FastAPI); promethe
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -39,6 +44,7 @@ from .errors import (
 from .ids import check_device_id
 
 T = TypeVar("T")
+log = logging.getLogger("iot2ml.http")
 
 
 # --------------------------------------------------------------------------- errors
@@ -152,31 +158,28 @@ def needs(cls: type[T]) -> Any:
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: a device (``kind='device'``) or an API key (``kind='key'``)."""
+    """An authenticated caller: a device (``kind='device'``), an API key (``kind='key'``), a user
+    (``kind='user'``), or nobody on a public route (``kind='anonymous'``)."""
 
     kind: str
     name: str
-    role: str  # device type for devices; 'admin' or 'reader' for keys
+    role: str  # device type for devices; a role of auth.roles for keys and users
 
 
 class Credentials(Protocol):
     """Checks a bearer token (``auth.Guard``). Each raises ``AuthError`` (401) for unknown credentials
     and ``Forbidden`` (403) for known ones that may not do this."""
 
+    def authorize(self, token: str | None, permission: str) -> Principal:
+        """The caller, if their role grants ``permission`` (``PUBLIC``: anyone)."""
+        ...
+
     def device(self, token: str | None, device_id: str) -> Principal:
         """The device ``device_id``, if ``token`` is its token."""
         ...
 
     def caller(self, token: str | None) -> Principal:
-        """A device or an API key of any role."""
-        ...
-
-    def key(self, token: str | None, *, role: str = "reader") -> Principal:
-        """An API key; ``role='admin'`` requires an admin key."""
-        ...
-
-    def operator(self, token: str | None) -> Principal:
-        """An admin API key, or the data dir's control secret (the CLI on this machine)."""
+        """A device, an API key or a user, of any role."""
         ...
 
 
@@ -188,7 +191,7 @@ def bearer(authorization: str | None) -> str | None:
 
 
 _BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
-                     description="A device's token or an API key: 'Authorization: Bearer <token>'")
+                     description="A device's token, an API key or a user's access token: 'Authorization: Bearer <token>'")
 
 
 def _token(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> str | None:
@@ -198,38 +201,174 @@ def _token(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(
 Token = Annotated[str | None, Depends(_token)]
 """The bearer token, if any."""
 
+PUBLIC = "public"
+"""The permission of routes anyone may call (``needs_permission(PUBLIC)``)."""
 
-def _admin(request: Request, token: Token) -> Principal:
-    return provided(request, Credentials).key(token, role="admin")
-
-
-def _reader(request: Request, token: Token) -> Principal:
-    return provided(request, Credentials).key(token, role="reader")
-
-
-def _caller(request: Request, token: Token) -> Principal:
-    return provided(request, Credentials).caller(token)
+PERMISSION_KEY = "x-permission"
+"""Where a route that checks its caller by a plain call (no dependency) declares its permission:
+``openapi_extra={PERMISSION_KEY: "predict"}`` (it then appears in the OpenAPI document too)."""
 
 
-def _operator(request: Request, token: Token) -> Principal:
-    return provided(request, Credentials).operator(token)
+def needs_permission(permission: str) -> Any:
+    """A dependency answering the caller (a ``Principal``) if their role grants ``permission``
+    (a name of ``auth.roles.PERMISSIONS``, or ``PUBLIC``); 401 or 403 otherwise::
+
+        async def post_train(req: TrainRequest, who: Annotated[Principal, needs_permission("ml:write")]): ...
+
+    Every route declares one: ``route_permission`` reads it back, and a test walks the OpenAPI
+    document checking each route against each role."""
+
+    if permission == PUBLIC:  # no bearer scheme in the OpenAPI document: none is asked for
+
+        def public(request: Request) -> Principal:
+            request.state.permission = PUBLIC
+            return Principal("anonymous", "", "")
+
+        public.permission = PUBLIC  # type: ignore[attr-defined]
+        return Depends(public)
+
+    def check(request: Request, token: Token) -> Principal:
+        request.state.permission = permission
+        credentials = provided(request, Credentials)
+        if permission != PUBLIC:  # who it is, for the audit of a refusal (cached: the second look is cheap)
+            request.state.principal = credentials.caller(token)
+        return credentials.authorize(token, permission)
+
+    check.permission = permission  # type: ignore[attr-defined]
+    return Depends(check)
+
+
+def route_permission(route: Any) -> str | None:
+    """The permission ``route`` declares (through ``needs_permission``, ``DeviceOwner`` or
+    ``openapi_extra[PERMISSION_KEY]``), else ``None``."""
+    extra = getattr(route, "openapi_extra", None) or {}
+    if PERMISSION_KEY in extra:
+        return extra[PERMISSION_KEY]
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        current = pending.pop()
+        if current is None:
+            continue
+        found = getattr(current.call, "permission", None)
+        if found:
+            return found
+        pending.extend(current.dependencies)
+    return None
+
+
+def api_routes(app: FastAPI) -> Iterator[tuple[str, str, Any]]:
+    """``(method, path, route)`` of every route of ``app``, included routers' too (path with prefix)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # FastAPI before included routers were kept lazily
+        contexts: Iterable[Any] = ((r, getattr(r, "path_format", None)) for r in app.routes)
+    else:
+        contexts = ((c.original_route, c.path_format) for c in iter_route_contexts(app.routes))
+    for route, path in contexts:
+        for method in sorted(getattr(route, "methods", None) or ()):
+            if path is not None and method != "HEAD":
+                yield method, path, route
+
+
+def document_permissions(app: FastAPI) -> None:
+    """Write each route's declared permission into ``app.openapi()`` as ``x-permission``; a route
+    that declares none has none there (and the permission walk of the tests fails on it)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema and app.openapi_schema.get("x-permissions-documented"):
+            return app.openapi_schema
+        schema = build()
+        for method, path, route in api_routes(app):
+            operation = schema.get("paths", {}).get(path, {}).get(method.lower())
+            permission = route_permission(route)
+            if operation is not None and permission:
+                operation[PERMISSION_KEY] = permission
+        schema["x-permissions-documented"] = True
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _device_owner(device_id: str, request: Request, token: Token) -> Principal:
     check_device_id(device_id)  # a bad id is named before credentials are looked at
-    return provided(request, Credentials).device(token, device_id)
+    request.state.permission = "telemetry:write"
+    who = provided(request, Credentials).device(token, device_id)
+    request.state.principal = who
+    return who
 
 
-Admin = Annotated[Principal, Depends(_admin)]
-"""An admin API key (writes)."""
-Reader = Annotated[Principal, Depends(_reader)]
-"""Any API key (reads)."""
-Caller = Annotated[Principal, Depends(_caller)]
-"""A device token or an API key of any role."""
-Operator = Annotated[Principal, Depends(_operator)]
-"""An admin API key or the data dir's control secret."""
+_device_owner.permission = "telemetry:write"  # type: ignore[attr-defined]
+
+Public = Annotated[Principal, needs_permission(PUBLIC)]
+"""Anyone (log in, health)."""
 DeviceOwner = Annotated[Principal, Depends(_device_owner)]
-"""The device of the ``{device_id}`` path parameter, with its own token."""
+"""The device of the ``{device_id}`` path parameter, with its own token (``telemetry:write``)."""
+
+
+# --------------------------------------------------------------------------- audit
+
+
+class AuditSink(Protocol):
+    """Where the audit middleware hands one row per write or denied request (``auth.audit.AuditLog``):
+    ``add`` must never block."""
+
+    def add(self, row: dict[str, Any]) -> None: ...
+
+
+def install_audit(app: FastAPI, sink: AuditSink, *, skip: frozenset[str] = frozenset()) -> None:
+    """Record every write (a method other than GET/HEAD/OPTIONS) and every request answered 401 or
+    403 in ``sink``: who, role, action (the route's permission), target (method and path), outcome
+    (the status), the client address, the time. Routes whose path template is in ``skip`` (telemetry,
+    predictions: kept in their own tables) are recorded only when denied. No header, body or token
+    is recorded. A plain ASGI middleware: it adds a dict lookup to a request, not a task."""
+    app.add_middleware(_Audit, sink=sink, skip=skip)
+
+
+class _Audit:
+    def __init__(self, app: Any, *, sink: AuditSink, skip: frozenset[str]) -> None:
+        self.app = app
+        self.sink = sink
+        self.skip = skip
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # what the permission dependency leaves: principal, permission
+        status = [500]
+
+        async def sent(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            self._record(scope, state, status[0])
+
+    def _record(self, scope: Any, state: dict[str, Any], status: int) -> None:
+        denied = status in (401, 403)
+        method = scope.get("method", "")
+        if not denied and method in ("GET", "HEAD", "OPTIONS"):
+            return
+        route = scope.get("route")
+        if not denied and getattr(route, "path", None) in self.skip:
+            return
+        who = state.get("principal")
+        client = scope.get("client")
+        try:
+            self.sink.add({
+                "ts": time.time(), "who": who.name if who is not None else None,
+                "kind": who.kind if who is not None else None, "role": who.role if who is not None else None,
+                "action": state.get("permission") or (route_permission(route) if route is not None else None),
+                "target": f"{method} {scope.get('path', '')}",
+                "outcome": "denied" if denied else ("ok" if status < 400 else "failed"), "status": status,
+                "address": client[0] if client else None,
+            })
+        except Exception:  # noqa: BLE001 - the audit never fails a request
+            log.exception("audit row dropped")
 
 
 # --------------------------------------------------------------------------- /metrics
@@ -258,7 +397,7 @@ def add_metrics_route(app: FastAPI) -> None:
     """``GET /metrics``."""
 
     @app.get("/metrics", summary="Prometheus metrics of every iot2ml process on this data dir",
-             response_class=PlainTextResponse)
+             response_class=PlainTextResponse, openapi_extra={PERMISSION_KEY: PUBLIC})
     async def metrics() -> Response:
         body, content_type = render_metrics()
         return Response(body, media_type=content_type)

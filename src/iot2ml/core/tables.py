@@ -10,6 +10,7 @@ Built-in tables (their names are reserved: no device type may take one):
 - ``alerts`` (``ALERTS_SCHEMA``): every state change of an alert instance (the monitor writes it).
 - ``model_inputs`` (``MODEL_INPUTS_SCHEMA``): the inputs and answers serving saw (a bounded sample), for drift.
 - ``monitor_reports`` (``MONITOR_REPORTS_SCHEMA``): drift per feature, dataset and prediction drift, live quality.
+- ``audit`` (``AUDIT_SCHEMA``): every write and every denied request over HTTP (who, role, action, outcome).
 
 One table per device type holds its readings: the ``BASE_FIELDS`` first, then one column per field.
 
@@ -30,15 +31,16 @@ PREDICTION_LOG = "prediction_log"
 ALERTS = "alerts"
 MODEL_INPUTS = "model_inputs"
 MONITOR_REPORTS = "monitor_reports"
+AUDIT = "audit"
 
-BUILT_IN = (RAW, DEAD_LETTERS, LABELS, PREDICTIONS, PREDICTION_LOG, ALERTS, MODEL_INPUTS, MONITOR_REPORTS)
+BUILT_IN = (RAW, DEAD_LETTERS, LABELS, PREDICTIONS, PREDICTION_LOG, ALERTS, MODEL_INPUTS, MONITOR_REPORTS, AUDIT)
 """The tables above, in that order."""
 
 BASE_COLUMNS = ("device_id", "ts", "received_at", "msg_id", "_seq")
 """The first columns of every device type's table (``BASE_FIELDS`` without the types)."""
 
 __all__ = [
-    "ALERTS", "ALERTS_SCHEMA", "BASE_COLUMNS", "BASE_FIELDS", "BUILT_IN", "DEAD_LETTERS", "DEAD_LETTERS_SCHEMA", "LABELS", "LABELS_SCHEMA",
+    "ALERTS", "AUDIT", "AUDIT_SCHEMA", "ALERTS_SCHEMA", "BASE_COLUMNS", "BASE_FIELDS", "BUILT_IN", "DEAD_LETTERS", "DEAD_LETTERS_SCHEMA", "LABELS", "LABELS_SCHEMA",
     "MODEL_INPUTS", "MODEL_INPUTS_SCHEMA", "MONITOR_REPORTS", "MONITOR_REPORTS_SCHEMA",
     "PREDICTIONS", "PREDICTIONS_SCHEMA", "PREDICTION_LOG", "PREDICTION_LOG_SCHEMA", "RAW", "RAW_SCHEMA",
 ]
@@ -102,11 +104,19 @@ def _schemas() -> dict[str, Any]:
             ("distance", pa.float64()), ("threshold", pa.float64()), ("drifted", pa.bool_()), ("psi", pa.float64()),
             ("n_reference", pa.int64()), ("n_current", pa.int64()), ("status", pa.string()),
         ]),
+        # One row per write or denied request. ``who``: the user, key or device name (null: no or unknown
+        # credentials); ``kind``: user, key, device; ``action``: the route's permission; ``target``:
+        # method and path; ``outcome``: ok, failed (4xx/5xx other than 401/403) or denied; never a secret.
+        "AUDIT_SCHEMA": pa.schema([
+            ("ts", ts), ("who", pa.string()), ("kind", pa.string()), ("role", pa.string()),
+            ("action", pa.string()), ("target", pa.string()), ("outcome", pa.string()), ("status", pa.int32()),
+            ("address", pa.string()), ("component", pa.string()),
+        ]),
     }
 
 
 _LAZY = frozenset({"BASE_FIELDS", "RAW_SCHEMA", "DEAD_LETTERS_SCHEMA", "LABELS_SCHEMA", "PREDICTIONS_SCHEMA",
-                   "PREDICTION_LOG_SCHEMA", "ALERTS_SCHEMA", "MODEL_INPUTS_SCHEMA", "MONITOR_REPORTS_SCHEMA"})
+                   "PREDICTION_LOG_SCHEMA", "ALERTS_SCHEMA", "MODEL_INPUTS_SCHEMA", "MONITOR_REPORTS_SCHEMA", "AUDIT_SCHEMA"})
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from ..core.http import Admin, Reader, needs
+from ..core.http import Principal, needs, needs_permission
 
 if TYPE_CHECKING:
     from .workbench import Workbench
@@ -41,12 +41,16 @@ class MLHTTP:
 
 router = APIRouter(tags=["models"])
 Deps = Annotated[MLHTTP, needs(MLHTTP)]
+MLWrite = Annotated[Principal, needs_permission("ml:write")]
+"""Train and import labels: data scientists, operators and admins."""
+ModelsRead = Annotated[Principal, needs_permission("models:read")]
+"""Registered models: every role."""
 
 
 @router.post("/api/v1/train", status_code=201, summary="Train and register a model (runs to completion)",
              responses={404: {"description": "No such table or column"},
                         422: {"description": "Options or data the task cannot train on: the reason says why"}})
-async def post_train(req: TrainRequest, _who: Admin, deps: Deps) -> dict[str, Any]:
+async def post_train(req: TrainRequest, _who: MLWrite, deps: Deps) -> dict[str, Any]:
     from .jobs import TrainJob
 
     job = TrainJob(task=req.task, table=req.table, name=req.name, options=req.options, where=req.where)
@@ -54,13 +58,13 @@ async def post_train(req: TrainRequest, _who: Admin, deps: Deps) -> dict[str, An
 
 
 @router.get("/api/v1/models", summary="Registered models: versions, aliases, metrics vs baseline")
-async def get_models(_who: Reader, deps: Deps) -> list[dict[str, Any]]:
+async def get_models(_who: ModelsRead, deps: Deps) -> list[dict[str, Any]]:
     return await asyncio.to_thread(lambda: deps.workbench().models())
 
 
 @router.post("/api/v1/labels", status_code=201, summary="Add labels (all rows or none)",
              responses={422: {"description": "A row that cannot be a label: every problem is named"}})
-async def post_labels(req: LabelsRequest, who: Admin, deps: Deps) -> dict[str, int]:
+async def post_labels(req: LabelsRequest, who: MLWrite, deps: Deps) -> dict[str, int]:
     n = await asyncio.to_thread(lambda: deps.workbench().import_labels(
         req.rows, entity_column=req.entity_column, label_column=req.label_column, table=req.table,
         source=req.source, who=who.name))

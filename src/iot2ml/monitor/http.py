@@ -1,5 +1,5 @@
-"""Monitoring over HTTP: ``/api/v1/notifiers`` and ``/api/v1/alerts`` (reads with any API key; changes with an
-admin key)."""
+"""Monitoring over HTTP: ``/api/v1/notifiers`` and ``/api/v1/alerts`` (reads: ``alerts:read``;
+changes: ``alerts:write``, ``notifiers:write``; see ``auth.roles``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import InvalidInput
-from ..core.http import Admin, Reader, json_response, needs
+from ..core.http import Principal, json_response, needs, needs_permission
 from ..core.storage import TableStore
 from ..core.timeutil import parse_duration
 from .dispatch import deliver
@@ -39,25 +39,28 @@ class NotifiersHTTP:
 
 
 router = APIRouter(tags=["monitoring"])
+AlertsRead = Annotated[Principal, needs_permission("alerts:read")]
+AlertsWrite = Annotated[Principal, needs_permission("alerts:write")]
+NotifiersWrite = Annotated[Principal, needs_permission("notifiers:write")]
 Deps = Annotated[NotifiersHTTP, needs(NotifiersHTTP)]
 
 
 @router.get("/api/v1/notifiers", summary="Notifiers, secrets masked")
-async def get_notifiers(_who: Reader, deps: Deps) -> list[dict[str, Any]]:
+async def get_notifiers(_who: AlertsRead, deps: Deps) -> list[dict[str, Any]]:
     return [r.masked() for r in await asyncio.to_thread(deps.notifiers.list)]
 
 
 @router.post("/api/v1/notifiers", status_code=201, summary="Add a notifier",
              responses={409: {"description": "A notifier of that name exists"},
                         422: {"description": "An unknown kind, a bad name or a target that does not parse"}})
-async def post_notifier(req: NotifierRequest, _who: Admin, deps: Deps) -> dict[str, Any]:
+async def post_notifier(req: NotifierRequest, _who: NotifiersWrite, deps: Deps) -> dict[str, Any]:
     record = await asyncio.to_thread(deps.notifiers.add, req.name, req.kind, req.target, **req.options)
     return record.masked()
 
 
 @router.delete("/api/v1/notifiers/{name}", status_code=204, summary="Remove a notifier",
                responses={404: {"description": "No notifier of that name"}})
-async def delete_notifier(name: str, _who: Admin, deps: Deps) -> Response:
+async def delete_notifier(name: str, _who: NotifiersWrite, deps: Deps) -> Response:
     await asyncio.to_thread(deps.notifiers.remove, name)
     return Response(status_code=204)
 
@@ -65,7 +68,7 @@ async def delete_notifier(name: str, _who: Admin, deps: Deps) -> Response:
 @router.post("/api/v1/notifiers/{name}/test",
              summary="Send a test notification; answers the delivery (status 'ok' or 'failed' with its error)",
              responses={404: {"description": "No notifier of that name"}})
-async def test_notifier(name: str, _who: Admin, deps: Deps) -> Response:
+async def test_notifier(name: str, _who: NotifiersWrite, deps: Deps) -> Response:
     notifier = await asyncio.to_thread(deps.notifiers.notifier, name)
     delivery = await asyncio.to_thread(deliver, notifier, test_notification(), record=deps.notifiers.record)
     return json_response(delivery.to_dict())  # a receiver that is down is an answer, not an error of ours
@@ -129,14 +132,14 @@ def _listed(rules: AlertRules) -> list[dict[str, Any]]:
 
 
 @router.get("/api/v1/alerts", summary="Alert rules and their firing alerts")
-async def get_alerts(_who: Reader, deps: AlertDeps) -> list[dict[str, Any]]:
+async def get_alerts(_who: AlertsRead, deps: AlertDeps) -> list[dict[str, Any]]:
     return await asyncio.to_thread(_listed, deps.rules)
 
 
 @router.post("/api/v1/alerts", status_code=201, summary="Add an alert rule",
              responses={409: {"description": "A rule of that name exists"},
                         422: {"description": "A condition, table, column, duration or notifier that does not fit"}})
-async def post_alert(req: AlertRuleRequest, _who: Admin, deps: AlertDeps) -> dict[str, Any]:
+async def post_alert(req: AlertRuleRequest, _who: AlertsWrite, deps: AlertDeps) -> dict[str, Any]:
     def add() -> dict[str, Any]:
         options = req.model_dump(include={"table", "when", "by", "silent", "stuck", "range", "dead_letter_rate",
                                           "schema_changes", "type", "drift", "metric", "below", "above", "anomaly",
@@ -152,28 +155,28 @@ async def post_alert(req: AlertRuleRequest, _who: Admin, deps: AlertDeps) -> dic
 
 
 @router.get("/api/v1/alerts/history", summary="State changes of alerts, newest first")
-async def get_alert_history(_who: Reader, deps: AlertDeps, rule: str | None = None,
+async def get_alert_history(_who: AlertsRead, deps: AlertDeps, rule: str | None = None,
                             limit: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> list[dict[str, Any]]:
     return await asyncio.to_thread(history, deps.lake, rule=rule, limit=limit)
 
 
 @router.delete("/api/v1/alerts/{name}", status_code=204, summary="Remove an alert rule",
                responses={404: {"description": "No rule of that name"}})
-async def delete_alert(name: str, _who: Admin, deps: AlertDeps) -> Response:
+async def delete_alert(name: str, _who: AlertsWrite, deps: AlertDeps) -> Response:
     await asyncio.to_thread(deps.rules.remove, name)
     return Response(status_code=204)
 
 
 @router.post("/api/v1/alerts/{id}/ack", status_code=202, summary="Acknowledge a firing alert (by its id)",
              responses={404: {"description": "No firing alert of that id"}})
-async def ack_alert(id: str, _who: Admin, deps: AlertDeps) -> dict[str, Any]:
+async def ack_alert(id: str, _who: AlertsWrite, deps: AlertDeps) -> dict[str, Any]:
     cmd = await asyncio.to_thread(deps.rules.ack, id)
     return {"id": id, "request": cmd.id}
 
 
 @router.post("/api/v1/alerts/{name}/silence", status_code=202, summary="Silence a rule's notifications for a while",
              responses={404: {"description": "No rule of that name"}})
-async def silence_alert(name: str, _who: Admin, deps: AlertDeps, req: SilenceRequest | None = None) -> dict[str, Any]:
+async def silence_alert(name: str, _who: AlertsWrite, deps: AlertDeps, req: SilenceRequest | None = None) -> dict[str, Any]:
     seconds = parse_duration((req or SilenceRequest()).for_)
     if seconds <= 0:
         raise InvalidInput(f"for {seconds!r} must be > 0, e.g. 1h")
@@ -186,7 +189,7 @@ async def silence_alert(name: str, _who: Admin, deps: AlertDeps, req: SilenceReq
 @router.get("/api/v1/monitor/{model}", summary="Drift of a model's captured inputs and answers (and live quality)",
             responses={404: {"description": "No model of that name"},
                        422: {"description": "A window that is not a duration > 0 (at most 366d)"}})
-async def get_monitor_report(model: str, _who: Reader, deps: AlertDeps,
+async def get_monitor_report(model: str, _who: AlertsRead, deps: AlertDeps,
                              window: Annotated[str, Query(max_length=32, examples=["1h"],
                                                           description="Duration: 90s, 30m, 1h, 2d")] = "1h",
                              ) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from ..core.http import Reader, needs
+from ..core.http import Principal, needs, needs_permission
 from .sql import list_tables, run_query
 
 
@@ -37,17 +37,18 @@ class QueryHTTP:
 
 
 router = APIRouter(tags=["query"])
+DataRead = Annotated[Principal, needs_permission("data:read")]
 Deps = Annotated[QueryHTTP, needs(QueryHTTP)]
 
 
 @router.post("/api/v1/query", response_model=QueryResponse, summary="Run one read-only SQL query",
              responses={400: {"description": "SQL that cannot run or is not allowed: the reason says why"}})
-async def post_query(req: QueryRequest, _who: Reader, deps: Deps) -> Response:
+async def post_query(req: QueryRequest, _who: DataRead, deps: Deps) -> Response:
     result = await asyncio.to_thread(run_query, deps.lake, req.sql, timeout=deps.timeout, max_rows=deps.max_rows)
     return Response(orjson.dumps(result.to_dict(), default=str, option=orjson.OPT_SERIALIZE_NUMPY),
                     media_type="application/json")
 
 
 @router.get("/api/v1/tables", summary="Tables in the lake with their columns")
-async def get_tables(_who: Reader, deps: Deps) -> list[dict[str, Any]]:
+async def get_tables(_who: DataRead, deps: Deps) -> list[dict[str, Any]]:
     return await asyncio.to_thread(list_tables, deps.lake)

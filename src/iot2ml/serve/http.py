@@ -36,15 +36,14 @@ from ..core.errors import (
     PayloadTooLarge,
 )
 from ..core.http import (
-    Admin,
-    Caller,
+    PERMISSION_KEY,
     Credentials,
-    Operator,
-    Reader,
+    Principal,
     bearer,
     error_response,
     json_response,
     needs,
+    needs_permission,
     provided,
 )
 from . import control
@@ -85,6 +84,8 @@ class Serving:
 
 
 predict_router = APIRouter(tags=["predictions"])
+ServingRead = Annotated[Principal, needs_permission("serving:read")]
+ServingRefresh = Annotated[Principal, needs_permission("serving:refresh")]
 
 
 async def _read(request: Request, max_body: int) -> dict[str, Any]:
@@ -115,7 +116,8 @@ async def _read(request: Request, max_body: int) -> dict[str, Any]:
 @predict_router.post(
     control.PREDICT_PATH,
     summary="Predict with a deployed model",
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}}},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}},
+                   PERMISSION_KEY: "predict"},
     responses={200: {"description": "{predictions, model, version, variant, request_id}"},
                400: {"description": "Body is not a JSON object"}, 401: {}, 403: {},
                404: {"description": "Model not deployed"}, 413: {"description": "Body too large"},
@@ -127,7 +129,7 @@ async def predict(name: str, request: Request) -> Response:
     serving = provided(request, Serving)
     runtime = serving.runtime
     try:
-        who = provided(request, Credentials).caller(bearer(request.headers.get("authorization")))
+        who = provided(request, Credentials).authorize(bearer(request.headers.get("authorization")), "predict")
         data = await _read(request, serving.max_body)
         key = who.name if who.kind == "device" else None
         if key is not None:
@@ -158,15 +160,15 @@ ServingDeps = Annotated[Serving, needs(Serving)]
 
 @predict_router.get("/api/v1/serving", summary="What this serving process answers with: variants, versions, figures",
                     responses={401: {"description": "No or unknown API key / device token"}})
-async def serving_state(_who: Caller, serving: ServingDeps) -> Response:
+async def serving_state(_who: ServingRead, serving: ServingDeps) -> Response:
     return json_response(_serving_state(serving))
 
 
 @predict_router.post("/api/v1/serving/refresh", summary="Apply the deployments in the catalog now, then answer "
                      "as GET /api/v1/serving ('iot2ml deploy' calls it to wait for a change)",
                      responses={401: {"description": "No or unknown API key"},
-                                403: {"description": "Not an admin key"}})
-async def serving_refresh(_who: Operator, serving: ServingDeps) -> Response:
+                                403: {"description": "A role without serving:refresh"}})
+async def serving_refresh(_who: ServingRefresh, serving: ServingDeps) -> Response:
     await serving.runtime.refresh(relist=True)
     return json_response(_serving_state(serving))
 
@@ -240,6 +242,8 @@ class DeploymentsControl:
 
 deployments_router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
 ControlDeps = Annotated[DeploymentsControl, needs(DeploymentsControl)]
+DeploymentsRead = Annotated[Principal, needs_permission("deployments:read")]
+DeploymentsWrite = Annotated[Principal, needs_permission("deployments:write")]
 Wait = Annotated[bool, Query(description="Return once every running serving process serves the change "
                                          "(false: as soon as it is stored).")]
 Timeout = Annotated[float, Query(gt=0, le=600, description="Seconds to wait for the serving processes; "
@@ -283,13 +287,13 @@ def _deployed(ctl: DeploymentsControl, name: str) -> dict[str, Any]:
 
 
 @deployments_router.get("", summary="Deployed models: variants, shares, stream and device bindings")
-async def list_deployments(_who: Reader, ctl: ControlDeps) -> list[dict[str, Any]]:
+async def list_deployments(_who: DeploymentsRead, ctl: ControlDeps) -> list[dict[str, Any]]:
     return [control.summary(d) for d in await asyncio.to_thread(ctl.deployments.list)]
 
 
 @deployments_router.get("/{name}", summary="One deployment and its latest audit events",
                         responses={404: {"description": "Not deployed"}})
-async def get_deployment(name: str, _who: Reader, ctl: ControlDeps) -> dict[str, Any]:
+async def get_deployment(name: str, _who: DeploymentsRead, ctl: ControlDeps) -> dict[str, Any]:
     return await asyncio.to_thread(_deployed, ctl, name)
 
 
@@ -299,7 +303,7 @@ async def get_deployment(name: str, _who: Reader, ctl: ControlDeps) -> dict[str,
                409: {"description": "The device type is bound to another deployment"},
                422: {"description": "Options that do not fit together; the reason says which"},
                504: {"description": "Stored, but a serving process did not serve it within the timeout"}})
-async def put_deployment(name: str, who: Admin, ctl: ControlDeps, req: DeployRequest | None = None,
+async def put_deployment(name: str, who: DeploymentsWrite, ctl: ControlDeps, req: DeployRequest | None = None,
                          wait: Wait = True, timeout: Timeout = 30.0) -> dict[str, Any]:
     req = req or DeployRequest()
 
@@ -316,7 +320,7 @@ async def put_deployment(name: str, who: Admin, ctl: ControlDeps, req: DeployReq
 @deployments_router.post("/{name}/rollback", summary="Restore the state before the last change",
                          responses={404: {"description": "Not deployed, or nothing to roll back to"},
                                     504: {"description": "Stored, but a serving process did not serve it in time"}})
-async def rollback_deployment(name: str, who: Admin, ctl: ControlDeps, req: ReasonRequest | None = None,
+async def rollback_deployment(name: str, who: DeploymentsWrite, ctl: ControlDeps, req: ReasonRequest | None = None,
                               wait: Wait = True, timeout: Timeout = 30.0) -> dict[str, Any]:
     restored: Deployment = await asyncio.to_thread(ctl.deployments.rollback, name, who=f"api:{who.name}",
                                                    reason=req.reason if req else "")
@@ -327,7 +331,7 @@ async def rollback_deployment(name: str, who: Admin, ctl: ControlDeps, req: Reas
 @deployments_router.delete("/{name}", status_code=204, summary="Stop serving a model (history stays)",
                            responses={404: {"description": "Not deployed"},
                                       504: {"description": "Removed, but a serving process still serves it"}})
-async def delete_deployment(name: str, who: Admin, ctl: ControlDeps, wait: Wait = True,
+async def delete_deployment(name: str, who: DeploymentsWrite, ctl: ControlDeps, wait: Wait = True,
                             timeout: Timeout = 30.0) -> Response:
     await asyncio.to_thread(ctl.deployments.remove, name, who=f"api:{who.name}")
     await _confirmed(ctl, name, wait, timeout)
