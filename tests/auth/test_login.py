@@ -214,3 +214,19 @@ def test_secrets_never_reach_the_logs(api, caplog):
     text = caplog.text
     for secret in (PASSWORD, "my-secret-guess", pair["access_token"], pair["refresh_token"]):
         assert secret not in text
+
+
+def test_the_audit_table_is_hidden_from_sql_without_audit_read(api, settings):
+    """A viewer's SQL does not see the audit trail (its table is not there for them); an admin's does."""
+    admin = Keys(api.catalog).add_key("auditor", "admin")
+    assert api.get("/api/v1/tables", headers=auth("not-a-token")).status_code == 401  # a denial: an audit row
+    deadline = time.monotonic() + 10
+    while "audit" not in {t["name"] for t in api.get("/api/v1/tables", headers=auth(admin)).json()}:
+        assert time.monotonic() < deadline, "the audit rows were not written"
+        time.sleep(0.2)
+    viewer = login(api).json()["access_token"]
+    assert "audit" not in {t["name"] for t in api.get("/api/v1/tables", headers=auth(viewer)).json()}
+    r = api.post("/api/v1/query", json={"sql": "SELECT count(*) FROM audit"}, headers=auth(viewer))
+    assert r.status_code == 400 and "no table 'audit'" in r.json()["detail"]
+    r = api.post("/api/v1/query", json={"sql": "SELECT count(*) AS n FROM audit"}, headers=auth(admin))
+    assert r.status_code == 200 and r.json()["rows"][0][0] >= 1

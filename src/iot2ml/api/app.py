@@ -34,6 +34,7 @@ from ..auth import Guard
 from ..auth.audit import AuditLog, read_audit
 from ..auth.http import AuthHTTP
 from ..auth.http import router as auth_router
+from ..auth.roles import allows
 from ..auth.store import Devices
 from ..auth.users import TokenPolicy
 from ..core.catalog import Catalog
@@ -51,6 +52,7 @@ from ..core.http import (
     provide,
 )
 from ..core.runtime import control_token
+from ..core.tables import AUDIT
 from ..ingest.http import Schemas, TelemetryHTTP
 from ..ingest.http import router as telemetry_router
 from ..lake import Lake
@@ -165,7 +167,8 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     provide(app, guard, as_type=Credentials)
     provide(app, Serving(runtime, settings.max_payload_bytes, component="api"))
     provide(app, TelemetryHTTP(settings.max_payload_bytes, broker.publish, Schemas(lake)))
-    provide(app, QueryHTTP(lake, settings.query_timeout, settings.query_max_rows))
+    provide(app, QueryHTTP(lake, settings.query_timeout, settings.query_max_rows,
+                           hidden_for=lambda who: () if allows(who.role, "audit:read") else (AUDIT,)))
     provide(app, AuthHTTP(guard.devices, guard.keys, guard.users, guard.forget,
                           audit=lambda since, limit: read_audit(lake, since, limit)))
     provide(app, MLHTTP(workbench))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -34,6 +35,8 @@ class QueryHTTP:
     lake: Any
     timeout: float
     max_rows: int
+    hidden_for: Callable[[Principal], Collection[str]] = lambda _who: ()
+    """Tables a caller may not see (the composition root: ``audit`` without ``audit:read``)."""
 
 
 router = APIRouter(tags=["query"])
@@ -43,12 +46,13 @@ Deps = Annotated[QueryHTTP, needs(QueryHTTP)]
 
 @router.post("/api/v1/query", response_model=QueryResponse, summary="Run one read-only SQL query",
              responses={400: {"description": "SQL that cannot run or is not allowed: the reason says why"}})
-async def post_query(req: QueryRequest, _who: DataRead, deps: Deps) -> Response:
-    result = await asyncio.to_thread(run_query, deps.lake, req.sql, timeout=deps.timeout, max_rows=deps.max_rows)
+async def post_query(req: QueryRequest, who: DataRead, deps: Deps) -> Response:
+    result = await asyncio.to_thread(run_query, deps.lake, req.sql, timeout=deps.timeout, max_rows=deps.max_rows,
+                                     hidden=deps.hidden_for(who))
     return Response(orjson.dumps(result.to_dict(), default=str, option=orjson.OPT_SERIALIZE_NUMPY),
                     media_type="application/json")
 
 
 @router.get("/api/v1/tables", summary="Tables in the lake with their columns")
-async def get_tables(_who: DataRead, deps: Deps) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(list_tables, deps.lake)
+async def get_tables(who: DataRead, deps: Deps) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(list_tables, deps.lake, hidden=deps.hidden_for(who))

@@ -19,6 +19,7 @@ import math
 import re
 import threading
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -82,14 +83,17 @@ def run_query(
     max_rows: int = 100_000,
     memory_limit: str = "1GB",
     threads: int = 2,
+    hidden: Collection[str] = (),
 ) -> QueryResult:
-    """Run one read-only ``SELECT`` over the lake; at most ``max_rows`` rows come back.
+    """Run one read-only ``SELECT`` over the lake; at most ``max_rows`` rows come back. Tables in
+    ``hidden`` (e.g. ``audit`` for a caller without ``audit:read``) do not exist for the query.
 
     Raises ``QueryError`` for anything that is not a single ``SELECT`` over lake tables, for SQL
     errors, for a query running past ``timeout`` seconds (setting ``query_timeout``) and for one
     needing more than ``memory_limit``.
     """
-    table, truncated = _execute(lake, sql, timeout=timeout, max_rows=max_rows, memory_limit=memory_limit, threads=threads)
+    table, truncated = _execute(lake, sql, timeout=timeout, max_rows=max_rows, memory_limit=memory_limit,
+                                threads=threads, hidden=hidden)
     return QueryResult(columns=table.column_names, rows=_json_rows(table), truncated=truncated, _table=table)
 
 
@@ -107,7 +111,7 @@ def query_arrow(
     return table
 
 
-def list_tables(lake: Lake) -> list[dict[str, Any]]:
+def list_tables(lake: Lake, *, hidden: Collection[str] = ()) -> list[dict[str, Any]]:
     """Every lake table with its columns (name and SQL type), rows, data files and Delta version.
 
     Rows come from the per-file statistics in the Delta log (no data is read); ``rows`` is ``None``
@@ -118,7 +122,7 @@ def list_tables(lake: Lake) -> list[dict[str, Any]]:
     out = []
     con = duckdb.connect(":memory:", config=dict(_CONNECT_CONFIG))
     try:
-        for name in lake.tables():
+        for name in [t for t in lake.tables() if t not in hidden]:
             try:
                 dt = lake.open(name)
             except Iot2mlError:
@@ -148,7 +152,8 @@ def list_tables(lake: Lake) -> list[dict[str, Any]]:
 
 # ---- execution ---------------------------------------------------------------------------
 def _execute(
-    lake: Lake, sql: str, *, timeout: float, max_rows: int | None, memory_limit: str, threads: int
+    lake: Lake, sql: str, *, timeout: float, max_rows: int | None, memory_limit: str, threads: int,
+    hidden: Collection[str] = (),
 ) -> tuple[pa.Table, bool]:
     import duckdb
 
@@ -165,7 +170,7 @@ def _execute(
         raise QueryError(f"query engine cannot start with memory_limit={memory_limit!r}, threads={threads!r}: {_first_line(err)}") from None
     try:
         _check_one_select(con, sql)
-        existing = lake.tables()
+        existing = [t for t in lake.tables() if t not in hidden]
         for name in _referenced_tables(con, sql, existing):
             con.register(name, lake.dataset(name))
         con.execute("SET enable_progress_bar=false")
