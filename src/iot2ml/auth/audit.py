@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from ..core.storage import TableStore
+from ..core.storage import LakeBuffer, TableStore
 from ..core.tables import AUDIT
 
 __all__ = ["AuditLog", "read_audit"]
@@ -27,57 +26,38 @@ log = logging.getLogger("iot2ml.audit")
 _COLUMNS = ("ts", "who", "kind", "role", "action", "target", "outcome", "status", "address", "component")
 
 
-class AuditLog:
-    """A bounded buffer of audit rows, appended to ``lake`` every ``interval`` seconds by a thread."""
+class _AuditRows(LakeBuffer):
+    TABLE, SCHEMA, APP, MAX_PENDING = AUDIT, "AUDIT_SCHEMA", "iot2ml-audit", 100_000
 
-    MAX_PENDING = 100_000
+
+class AuditLog:
+    """A bounded buffer of audit rows (``core.storage.LakeBuffer``), appended to ``lake`` every
+    ``interval`` seconds by a thread."""
 
     def __init__(self, lake: TableStore | None, *, component: str, interval: float = 1.0) -> None:
         self.lake = lake
         self.component = component
         self.interval = interval
-        self._rows: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._app = f"iot2ml-audit-{uuid.uuid4().hex[:12]}"
-        self._seq = 0
+        self._buffer = _AuditRows(lake)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.written = 0
-        self.dropped = 0
+
+    @property
+    def written(self) -> int:
+        return self._buffer.written
+
+    @property
+    def dropped(self) -> int:
+        return self._buffer.dropped
 
     def add(self, row: dict[str, Any]) -> None:
         """Keep ``row`` for the next append; never blocks on the lake."""
-        with self._lock:
-            if len(self._rows) >= self.MAX_PENDING:
-                self.dropped += 1
-                return
-            self._rows.append(row)
+        values = {**row, "ts": datetime.fromtimestamp(row["ts"], timezone.utc), "component": self.component}
+        self._buffer.add([tuple(values.get(c) for c in _COLUMNS)])
 
     def flush(self) -> int:
         """Append what is buffered; the number of rows written."""
-        import pyarrow as pa
-
-        from ..core.tables import AUDIT_SCHEMA
-
-        with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows or self.lake is None:
-            return 0
-        columns = {c: [r.get(c) for r in rows] for c in _COLUMNS}
-        columns["ts"] = [datetime.fromtimestamp(t, timezone.utc) for t in columns["ts"]]
-        columns["component"] = [self.component] * len(rows)
-        table = pa.table({c: pa.array(columns[c], f.type) for c, f in zip(_COLUMNS, AUDIT_SCHEMA)},
-                         schema=AUDIT_SCHEMA)
-        self._seq += 1
-        try:
-            self.lake.append(AUDIT, table, app_id=self._app, version=self._seq)
-        except Exception as err:  # noqa: BLE001 - keep the rows for the next try, within the bound
-            log.warning("audit append failed (%s); retrying with the next flush", err)
-            with self._lock:
-                self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
-            return 0
-        self.written += len(rows)
-        return len(rows)
+        return self._buffer.flush()
 
     def start(self) -> None:
         if self._thread is None and self.lake is not None:

@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from ..core.errors import InvalidInput, ModelFailed, NotFound
+from ..core.storage import LakeBuffer
 from ..core.tables import MODEL_INPUTS, PREDICTION_LOG
 from .deployments import Deployment, Deployments, Variant
 from .predictors import Prepared, check_instances, predictor_for
@@ -286,64 +287,13 @@ class VariantStats:
 # --------------------------------------------------------------------------- prediction log
 
 
-class _LakeBuffer:
-    """Rows for one lake table, appended every second from a bounded buffer under this process's own
-    exactly-once mark; a failed append keeps the rows (within the bound) for the next flush."""
-
-    MAX_PENDING = 200_000
-    TABLE = ""
-    SCHEMA = ""  # the name of its schema in core.tables
-    APP = ""
-
-    def __init__(self, lake: Any | None) -> None:
-        self.lake = lake
-        self._rows: list[tuple[Any, ...]] = []
-        self._lock = threading.Lock()
-        self._app = f"{self.APP}-{uuid.uuid4().hex[:12]}"
-        self._seq = 0
-        self.dropped = 0
-        self.written = 0
-
-    def add(self, rows: list[tuple[Any, ...]]) -> None:
-        if self.lake is None:
-            return
-        with self._lock:
-            room = self.MAX_PENDING - len(self._rows)
-            if room < len(rows):
-                self.dropped += len(rows) - max(room, 0)
-                rows = rows[:max(room, 0)]
-            self._rows.extend(rows)
-
-    def flush(self) -> int:
-        import pyarrow as pa
-
-        from ..core import tables
-
-        with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows or self.lake is None:
-            return 0
-        schema = getattr(tables, self.SCHEMA)
-        table = pa.table([pa.array(c, f.type) for c, f in zip(zip(*rows), schema)], schema=schema)
-        self._seq += 1
-        try:
-            self.lake.append(self.TABLE, table, app_id=self._app, version=self._seq)
-        except Exception as err:  # noqa: BLE001 - keep the rows for the next try, within the bound
-            log.warning("%s append failed (%s); retrying with the next flush", self.TABLE, err)
-            with self._lock:
-                self._rows[:0] = rows[: self.MAX_PENDING - len(self._rows)]
-            return 0
-        self.written += len(rows)
-        return len(rows)
-
-
-class PredictionLog(_LakeBuffer):
+class PredictionLog(LakeBuffer):
     """Rows of ``prediction_log``, appended to the lake every second from a buffer (bounded)."""
 
     TABLE, SCHEMA, APP = PREDICTION_LOG, "PREDICTION_LOG_SCHEMA", "iot2ml-serve"
 
 
-class InputCapture(_LakeBuffer):
+class InputCapture(LakeBuffer):
     """Rows of ``model_inputs``: a sample of the instances each model received and what it answered
     (REST, MQTT and streamed rows alike), appended to the lake every second from a bounded buffer.
 
