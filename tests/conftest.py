@@ -90,7 +90,13 @@ class RunningBroker:
         from iot2ml.core.catalog import Catalog
 
         self.catalog = Catalog(settings.catalog)
-        self.service = BrokerService(settings, Devices(self.catalog))
+        tls = {}
+        if settings.tls_on:  # as the broker component does: certificates, the TLS door, provisioning
+            from iot2ml.auth.ca import platform_ca, server_tls_files
+            from iot2ml.auth.certs import Certificates
+
+            tls = dict(certs=Certificates(self.catalog, platform_ca(settings)), tls_files=server_tls_files(settings))
+        self.service = BrokerService(settings, Devices(self.catalog), **tls)
         self.service.start()
         self.thread = threading.Thread(target=self.service.watch, kwargs={"poll": 0.2}, daemon=True)
         self.thread.start()

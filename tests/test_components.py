@@ -16,13 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 from iot2ml.cli import app
-from iot2ml.cli._common import SHARED_OPTIONS
-from iot2ml.components import COMPONENTS, Component, Port, start_stages
+from iot2ml.cli._common import SHARED_FLAGS
+from iot2ml.components import COMPONENTS, Component, Port, active_ports, start_stages
 from iot2ml.core.config import load_settings
 from iot2ml.core.runtime import port_is_free, read_run_info
 from iot2ml.supervisor import Platform
 
-FLAGS = ["--" + name.replace("_", "-") for name in SHARED_OPTIONS]
+FLAGS = list(SHARED_FLAGS.values())
+SWITCHES = {"--tls", "--plain-mqtt"}
 
 
 def help_of(*command: str) -> str:
@@ -33,7 +34,8 @@ def help_of(*command: str) -> str:
 
 def test_shared_options_are_the_ones_up_takes():
     assert set(FLAGS) == {"--data-dir", "--catalog-url", "--host", "--mqtt-url", "--nats-port", "--mqtt-port",
-                          "--http-port", "--serve-port"}
+                          "--http-port", "--serve-port", "--tls", "--mqtts-port", "--tls-cert", "--tls-key",
+                          "--plain-mqtt"}
     for command in ("up", "demo"):
         text = help_of(command)
         assert [f for f in FLAGS if f not in text] == [], command
@@ -48,7 +50,7 @@ def test_every_component_command_takes_every_shared_option(component):
     # All of them at once are accepted (click rejects an unknown option before --help answers).
     values = {"--data-dir": "./data", "--catalog-url": "sqlite:///x.db", "--host": "127.0.0.1",
               "--mqtt-url": "mqtt://127.0.0.1:1"}
-    args = [a for f in FLAGS for a in (f, values.get(f, "0"))]
+    args = [a for f in FLAGS if f not in SWITCHES for a in (f, values.get(f, "0"))] + sorted(SWITCHES)
     assert CliRunner().invoke(app, [component, *args, "--help"]).exit_code == 0
 
 
@@ -151,9 +153,23 @@ def test_up_starts_and_stops_what_the_registry_holds_in_its_order(tmp_path):
 def test_the_real_registry_drives_ports_and_banner():
     platform = Platform(load_settings(nats_port=0, mqtt_port=0, http_port=0, serve_port=0))
     platform.settle_ports()
-    ports = {p.setting for c in COMPONENTS for p in c.ports}
-    assert ports == {"nats_port", "mqtt_port", "http_port", "serve_port"}
+    assert {p.setting for c in COMPONENTS for p in c.ports} == {
+        "nats_port", "mqtt_port", "mqtts_port", "http_port", "serve_port"}
+    ports = {p.setting for p in active_ports(platform.settings)}
+    assert ports == {"nats_port", "mqtt_port", "http_port", "serve_port"}  # no TLS: no MQTTS port
     chosen = [getattr(platform.settings, p) for p in sorted(ports)]
     assert all(chosen) and len(set(chosen)) == 4
     assert set(platform.urls) == {"mqtt", "nats", "http", "metrics", "serve"}
     assert json.dumps(platform.status("up"))  # what up.json holds is JSON
+    assert platform.urls["http"].startswith("http://")
+
+
+def test_tls_adds_the_mqtts_port_and_https_and_can_drop_plain_mqtt():
+    platform = Platform(load_settings(nats_port=0, mqtt_port=0, http_port=0, serve_port=0, mqtts_port=0,
+                                      plain_mqtt=False))
+    platform.settle_ports()
+    assert {p.setting for p in active_ports(platform.settings)} == {"nats_port", "mqtts_port", "http_port",
+                                                                     "serve_port"}
+    assert platform.settings.mqtts_port
+    assert set(platform.urls) == {"mqtts", "nats", "http", "metrics", "serve"}
+    assert platform.urls["http"].startswith("https://") and platform.urls["serve"].startswith("https://")

@@ -34,6 +34,8 @@ class Port:
 
     setting: str
     flag: str
+    when: str | None = None
+    """A setting that must be true for the port to be used (e.g. ``tls_on``); ``None``: always."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Endpoint:
     label: str
     url: str
     note: str = ""
+    when: str | None = None
+    """A setting that must be true for the line to be shown; ``None``: always."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class Component:
     ports: tuple[Port, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     switches: tuple[Switch, ...] = ()
+
+
+def active_ports(settings: Settings, components: tuple[Component, ...] | None = None) -> list[Port]:
+    """The ports ``settings`` use (those whose ``when`` holds)."""
+    components = COMPONENTS if components is None else components
+    return [p for c in components for p in c.ports if p.when is None or getattr(settings, p.when)]
 
 
 def start_stages(components: tuple[Component, ...] | None = None) -> list[list[Component]]:
@@ -102,13 +112,17 @@ def wait_for_broker(settings: Settings, timeout: float | None = None) -> str:
 
 
 def run_broker_component(settings: Settings, *, fallback_ports: bool = False) -> None:
+    from .auth.ca import platform_ca, server_tls_files
+    from .auth.certs import Certificates
     from .auth.store import Devices
     from .broker.service import run_broker
     from .core.catalog import Catalog
 
     catalog = Catalog(settings.catalog)
     try:
-        run_broker(settings, Devices(catalog), fallback_ports=fallback_ports)
+        tls = {"certs": Certificates(catalog, platform_ca(settings)), "tls_files": server_tls_files(settings)} \
+            if settings.tls_on else {}
+        run_broker(settings, Devices(catalog), fallback_ports=fallback_ports, **tls)
     finally:
         catalog.close()
 
@@ -167,10 +181,19 @@ def _run_http(settings: Settings, name: str, app: Any, port: int) -> None:
     # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler found before it:
     # exit through ours, so the run file below is removed.
     signal.signal(signal.SIGTERM, stop)
-    write_run_info(settings.data_dir, name, {"url": f"http://{settings.host}:{port}", "port": port})
+    tls: dict[str, Any] = {}
+    info: dict[str, Any] = {"url": f"http://{settings.host}:{port}", "port": port}
+    if settings.tls_on:  # HTTPS only: the plain port is off
+        from .auth.ca import server_tls_files
+
+        cert, key, bundle = server_tls_files(settings)
+        tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        info = {"url": f"https://{settings.host}:{port}", "port": port,
+                "ca_file": None if settings.tls_cert_file else str(bundle)}
+    write_run_info(settings.data_dir, name, info)
     try:
         uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=5)
+                    timeout_graceful_shutdown=5, **tls)
     finally:
         clear_run_info(settings.data_dir, name)
 
@@ -263,9 +286,12 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         "broker", "Run only the embedded broker (NATS with MQTT and JetStream).",
         run_broker_component, stage=0, death_signal=signal.SIGTERM,
-        ports=(Port("nats_port", "--nats-port"), Port("mqtt_port", "--mqtt-port")),
+        ports=(Port("nats_port", "--nats-port"), Port("mqtt_port", "--mqtt-port", when="mqtt_plain_on"),
+               Port("mqtts_port", "--mqtts-port", when="tls_on")),
         endpoints=(Endpoint("mqtt", "MQTT", "mqtt://{host}:{mqtt_port}",
-                            "topic devices/<id>/telemetry, user <id>, password <token>"),
+                            "topic devices/<id>/telemetry, user <id>, password <token>", when="mqtt_plain_on"),
+                   Endpoint("mqtts", "MQTTS", "mqtts://{host}:{mqtts_port}",
+                            "client certificate from 'iot2ml devices add <id> --cert'", when="tls_on"),
                    Endpoint("nats", "NATS", "nats://{host}:{nats_port}")),
     ),
     Component(
@@ -276,8 +302,9 @@ COMPONENTS: tuple[Component, ...] = (
         "api", "Run only the HTTP API.",
         run_api_component, stage=1, death_signal=signal.SIGKILL,
         ports=(Port("http_port", "--http-port"),),
-        endpoints=(Endpoint("http", "HTTP API", "http://{host}:{http_port}", "docs http://{host}:{http_port}/docs"),
-                   Endpoint("metrics", "metrics", "http://{host}:{http_port}/metrics")),
+        endpoints=(Endpoint("http", "HTTP API", "{http_scheme}://{host}:{http_port}",
+                            "docs {http_scheme}://{host}:{http_port}/docs"),
+                   Endpoint("metrics", "metrics", "{http_scheme}://{host}:{http_port}/metrics")),
     ),
     Component(
         "scheduler", "Run only the retraining scheduler.",
@@ -287,7 +314,7 @@ COMPONENTS: tuple[Component, ...] = (
         "serve", "Run only the serving runtime: deployed models over REST, MQTT request/reply and streaming.",
         run_serve_component, stage=1, death_signal=signal.SIGTERM,
         ports=(Port("serve_port", "--serve-port"),),
-        endpoints=(Endpoint("serve", "predict", "http://{host}:{serve_port}",
+        endpoints=(Endpoint("serve", "predict", "{http_scheme}://{host}:{serve_port}",
                             "/api/v1/models/<name>/predict after 'iot2ml deploy <name>'"),),
         switches=(Switch("no_broker", "--no-broker", "REST only: no MQTT requests, no streaming."),),
     ),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth.store import Keys
-from .components import COMPONENTS, Component, start_stages
+from .components import COMPONENTS, Component, active_ports, start_stages
 from .core.catalog import Catalog
 from .core.config import Settings
 from .core.errors import Iot2mlError, NotFound
@@ -59,7 +59,7 @@ def _pdeathsig(sig: int) -> None:  # pragma: no cover - runs in the child
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as ``IOT2ML_*`` variables for a child process."""
     env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(exclude=set(type(settings).model_computed_fields)).items():
         if value is None:
             continue
         key = f"IOT2ML_{name.upper()}"
@@ -70,7 +70,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def endpoints(values: dict[str, Any], components: Sequence[Component] = COMPONENTS) -> list[dict[str, str]]:
     """Every component's endpoints formatted with ``values`` (the settings): key, label, url, note."""
     return [{"key": e.key, "label": e.label, "url": e.url.format(**values), "note": e.note.format(**values)}
-            for c in components for e in c.endpoints]
+            for c in components for e in c.endpoints if e.when is None or values.get(e.when)]
 
 
 def running_platform(data_dir: Path) -> dict[str, Any] | None:
@@ -112,7 +112,9 @@ class Platform:
     def settle_ports(self) -> None:
         """Check every port at once (``PortInUse`` names the busy ones) and fix the ports to use."""
         s = self.settings
-        ports = [p for c in self.components for p in c.ports]
+        if s.tls_on and s.mqtts_port is None:
+            s = s.model_copy(update={"mqtts_port": s.mqtts_port_in_force})
+        ports = active_ports(s, self.components)
         wanted = {p.flag: getattr(s, p.setting) for p in ports}
         chosen = settle_ports(s.host, wanted, fallback=self.fallback_ports, command=self.command)
         for p in ports:
@@ -162,7 +164,7 @@ class Platform:
         """What ``up.json`` says: state, ports, endpoints, notes and the children's pids."""
         s = self.settings
         values = s.model_dump()
-        ports = {p.setting: values[p.setting] for c in self.components for p in c.ports}
+        ports = {p.setting: values[p.setting] for p in active_ports(s, self.components)}
         return {"state": state, "data_dir": str(s.data_dir), "host": s.host, **ports,
                 "endpoints": endpoints(values, self.components), "notes": self.notes, "pids": self.pids()}
 

@@ -58,6 +58,23 @@ _keys = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=True),  # epoch seconds; null = never
 )
 
+_certs = sa.Table(
+    "certificates", metadata,
+    sa.Column("serial", sa.String(64), primary_key=True),  # the id in the subject (SERIALNUMBER=...)
+    sa.Column("kind", sa.String(16), nullable=False),  # device | claim
+    sa.Column("name", sa.String(128), nullable=False, index=True),  # the device id or the claim name
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("not_after", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)
+_claims = sa.Table(
+    "provisioning_claims", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)
+
 
 def sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -72,7 +89,7 @@ class Devices:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        catalog.register(_types, _devices)
+        catalog.register(_types, _devices, _certs, _claims)
 
     def version(self) -> int:
         """The catalog's change counter (grows with every change of devices, types or keys)."""
@@ -109,15 +126,18 @@ class Devices:
         return [_type_from_row(r) for r in rows]
 
     # ---- devices ------------------------------------------------------------------------
-    def add_device(self, device_id: str, type_name: str, *, rotate: bool = False) -> str:
-        """Register ``device_id`` (or with ``rotate`` give an existing one a new token); return the token."""
+    def add_device(self, device_id: str, type_name: str, *, rotate: bool = False, token: bool = True) -> str:
+        """Register ``device_id`` (or with ``rotate`` give an existing one a new token); return the token
+        ('' with ``token=False``: a device that logs in with a certificate only)."""
         import bcrypt
 
         check_device_id(device_id)
         check_type_name(type_name)
-        token = secrets.token_urlsafe(24)
-        hashed = bcrypt.hashpw(token.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
-        values = {"token_sha256": sha256(token), "token_bcrypt": hashed, "revoked_at": None}
+        secret = secrets.token_urlsafe(24) if token else ""
+        values: dict[str, Any] = {"revoked_at": None}
+        if token:
+            hashed = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
+            values.update(token_sha256=sha256(secret), token_bcrypt=hashed)
         self.add_type(type_name, exist_ok=True)
         with self.catalog.begin() as conn:
             row = conn.execute(sa.select(_devices).where(_devices.c.device_id == device_id)).first()
@@ -133,7 +153,7 @@ class Devices:
                 conn.execute(_devices.insert().values(
                     device_id=device_id, type=type_name, created_at=_now(), **values))
             self.catalog.bump(conn)
-        return token
+        return secret
 
     def remove_device(self, device_id: str) -> None:
         """Revoke the device's token. Its rows stay; messages it sent before still land."""
@@ -145,6 +165,8 @@ class Devices:
             ).rowcount
             if not done:
                 raise NotFound(f"no active device {device_id!r}: see 'iot2ml devices list'")
+            conn.execute(_certs.update().where(_certs.c.kind == "device", _certs.c.name == device_id,
+                                               _certs.c.revoked_at.is_(None)).values(revoked_at=_now()))
             self.catalog.bump(conn)
 
     def get_device(self, device_id: str) -> Device | None:

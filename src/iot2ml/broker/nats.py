@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.devices import BrokerIdentity
 from ..core.errors import BrokerUnavailable, ConfigError
 from ..core.transport import SERVICE_USER
 
@@ -44,8 +45,28 @@ def _q(value: str) -> str:
 class BrokerPorts:
     host: str
     nats_port: int
-    mqtt_port: int
+    mqtt_port: int | None
+    """``None``: no (plain) MQTT listener."""
     monitor_port: int
+
+
+@dataclass(frozen=True)
+class Door:
+    """The TLS door: a second nats-server joined to the hub as a leaf node, whose MQTT listener
+    takes only certificates of the platform CA and maps each to its user (``verify_and_map``).
+    One nats-server has one MQTT listener; the door lets plain MQTT with tokens and MQTTS with
+    certificates run side by side, and becomes the edge gateway's shape later."""
+
+    leaf_port: int
+    """The hub's leaf-node port (on the loopback address)."""
+    password: str
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+JS_DOMAIN = "iot2ml"
+"""The hub's JetStream domain: the door's MQTT keeps its sessions there."""
 
 
 def render_config(
@@ -56,6 +77,7 @@ def render_config(
     devices: Iterable[tuple[str, str]],
     max_payload: int,
     max_store_bytes: int,
+    door: Door | None = None,
 ) -> str:
     """The nats-server config text. ``devices`` are ``(device_id, bcrypt hash)`` pairs."""
     users = [
@@ -71,6 +93,18 @@ def render_config(
             f'allowed_connection_types: ["MQTT"]}}'
         )
     user_block = ",\n".join(users)
+    mqtt = "" if ports.mqtt_port is None else f"""mqtt {{
+  host: {_q(ports.host)}
+  port: {ports.mqtt_port}
+}}
+"""
+    leaf = "" if door is None else f"""leafnodes {{
+  host: "127.0.0.1"
+  port: {door.leaf_port}
+  authorization {{ user: "door", password: {_q(door.password)} }}
+}}
+"""
+    domain = "" if door is None else f"\n  domain: {JS_DOMAIN}"
     return f"""# Written by iot2ml from the device catalog; edits are overwritten.
 server_name: iot2ml
 host: {_q(ports.host)}
@@ -79,11 +113,48 @@ http: {_q(f"{ports.host}:{ports.monitor_port}")}
 max_payload: {max(1024 * 1024, max_payload * 2)}
 jetstream {{
   store_dir: {_q(str(store_dir))}
-  max_file_store: {max_store_bytes * 2}
+  max_file_store: {max_store_bytes * 2}{domain}
 }}
+{mqtt}{leaf}authorization {{
+  users: [
+{user_block}
+  ]
+}}
+"""
+
+
+def render_door_config(*, ports: BrokerPorts, door: Door, identities: Iterable[BrokerIdentity],
+                       max_payload: int) -> str:
+    """The TLS door's config: MQTT over TLS on ``ports.mqtt_port``, users = certificate subjects."""
+    users = []
+    for ident in identities:
+        pub = ", ".join(_q(s) for s in ident.publish)
+        sub = ", ".join(_q(s) for s in ident.subscribe)
+        users.append(f"    {{user: {_q(ident.user)}, permissions: {{publish: {{allow: [{pub}]}}, "
+                     f'subscribe: {{allow: [{sub}]}}}}, allowed_connection_types: ["MQTT"]}}')
+    # Without any user nats-server would let every client in: keep one that no certificate maps to.
+    users = users or ['    {user: "CN=nobody,OU=none", permissions: {publish: {deny: [">"]}, subscribe: {deny: [">"]}}}']
+    user_block = ",\n".join(users)
+    return f"""# Written by iot2ml from the certificate catalog; edits are overwritten.
+server_name: iot2ml-tls
+host: "127.0.0.1"
+port: {ports.nats_port}
+http: {_q(f"127.0.0.1:{ports.monitor_port}")}
+max_payload: {max(1024 * 1024, max_payload * 2)}
 mqtt {{
   host: {_q(ports.host)}
   port: {ports.mqtt_port}
+  js_domain: {JS_DOMAIN}
+  tls {{
+    cert_file: {_q(str(door.cert_file))}
+    key_file: {_q(str(door.key_file))}
+    ca_file: {_q(str(door.ca_file))}
+    verify_and_map: true
+    timeout: 5
+  }}
+}}
+leafnodes {{
+  remotes: [ {{ url: {_q(f"nats-leaf://door:{door.password}@127.0.0.1:{door.leaf_port}")} }} ]
 }}
 authorization {{
   users: [
@@ -140,7 +211,8 @@ class EmbeddedNats:
                     f"nats-server exited with code {self.proc.returncode}: {self._last_error(offset)}"
                     f" (log: {self.log_path})"
                 )
-            if _healthy(ports.host, ports.monitor_port) and _accepts(ports.host, ports.mqtt_port):
+            if _healthy(ports.host, ports.monitor_port) and (
+                    ports.mqtt_port is None or _accepts(ports.host, ports.mqtt_port)):
                 return
             time.sleep(0.05)
         self.stop()
@@ -161,6 +233,33 @@ class EmbeddedNats:
         """Make the running server re-read its config (users and permissions are hot-reloadable)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
+
+    def config_load_time(self) -> str | None:
+        """When the running server last (re)loaded its config (``/varz``), or ``None``."""
+        import http.client
+        import json
+
+        if self.ports is None:
+            return None
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.ports.monitor_port, timeout=1)
+            conn.request("GET", "/varz")
+            value = json.loads(conn.getresponse().read()).get("config_load_time")
+            conn.close()
+            return value
+        except (OSError, ValueError):
+            return None
+
+    def reload_and_wait(self, timeout: float = 3.0) -> bool:
+        """``reload()``, then wait until the server says it loaded the new config; True if it did."""
+        before = self.config_load_time()
+        self.reload()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.config_load_time() not in (before, None):
+                return True
+            time.sleep(0.02)
+        return False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -58,12 +58,26 @@ MqttUrl = Annotated[str | None, typer.Option("--mqtt-url", help="Also ingest fro
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 Reason = Annotated[str, typer.Option(help="Why: kept in the audit trail ('iot2ml deployments history').")]
 
+Tls = Annotated[bool | None, typer.Option("--tls/--no-tls", help="HTTPS for the API and serving, MQTT over TLS "
+                                          "with device certificates (certificate from --tls-cert or the platform CA).")]
+MqttsPort = Annotated[int | None, typer.Option("--mqtts-port", help="MQTT-over-TLS port (turns TLS on; default 8883).")]
+TlsCert = Annotated[Path | None, typer.Option("--tls-cert", help="Server certificate (PEM) for HTTPS and MQTTS "
+                                              "(turns TLS on).")]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="Private key (PEM) of --tls-cert.")]
+PlainMqtt = Annotated[bool | None, typer.Option("--plain-mqtt/--no-plain-mqtt",
+                                                help="Keep the plain MQTT listener (tokens) while TLS is on.")]
+
 SHARED_OPTIONS: dict[str, Any] = {
     "data_dir": DataDir, "catalog_url": CatalogUrl, "host": Host, "mqtt_url": MqttUrl,
     "nats_port": NatsPort, "mqtt_port": MqttPort, "http_port": HttpPort, "serve_port": ServePort,
+    "tls": Tls, "mqtts_port": MqttsPort, "tls_cert_file": TlsCert, "tls_key_file": TlsKey, "plain_mqtt": PlainMqtt,
 }
 """The options ``up``, ``demo`` and every component command take (each ignores those it does not use),
 so one set of flags or one config starts any of them."""
+
+SHARED_FLAGS: dict[str, str] = {name: {"tls_cert_file": "--tls-cert", "tls_key_file": "--tls-key"}.get(
+    name, "--" + name.replace("_", "-")) for name in SHARED_OPTIONS}
+"""The flag of each shared option (the on/off ones, ``--tls`` and ``--plain-mqtt``, have a ``--no-`` form)."""
 
 
 def shared_options(fn: Callable[..., Any], own: Sequence[inspect.Parameter] | None = None) -> Callable[..., Any]:
@@ -88,8 +102,11 @@ def command_line(name: str, options: dict[str, Any], *extra: str) -> list[str]:
     """The command as the user gave it (``iot2ml NAME``, ``extra``, then the shared options given)."""
     argv = ["iot2ml", name, *extra]
     for key, value in options.items():
-        if value is not None:
-            argv += ["--" + key.replace("_", "-"), str(value)]
+        flag = SHARED_FLAGS[key]
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, str(value)]
     return argv
 
 

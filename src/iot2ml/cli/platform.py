@@ -152,7 +152,10 @@ def _component_command(component: Component) -> None:
         setup_logging()
         settings = _run(_settings, **options)
         flags = [s.flag for s in component.switches if switches.get(s.name)]
-        _run(settle_ports, settings.host, {p.flag: getattr(settings, p.setting) for p in component.ports},
+        from ..components import active_ports
+
+        _run(settle_ports, settings.host, {p.flag: getattr(settings, p.setting) or 0
+                                           for p in active_ports(settings, (component,))},
              command=command_line(component.name, options, *flags))  # every busy port at once
         _run(component.run, settings, **switches)
 

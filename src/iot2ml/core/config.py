@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, computed_field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from .errors import ConfigError
@@ -32,6 +32,18 @@ class Settings(BaseSettings):
     mqtt_url: str | None = Field(None, description="External MQTT broker to ingest from, e.g. mqtt://host:1883.")
     mqtt_username: str | None = Field(None, description="Username for the external MQTT broker.")
     mqtt_password: str | None = Field(None, description="Password for the external MQTT broker.")
+    tls: bool = Field(False, description="HTTPS for the API and serving, MQTT over TLS with client certificates "
+                      "on mqtts_port; the server certificate is tls_cert_file or one the platform CA signs.")
+    mqtts_port: int | None = Field(None, ge=0, le=65535, description="MQTT-over-TLS port (devices log in with "
+                                   "their certificate); setting it turns TLS on; default 8883 with tls.")
+    tls_cert_file: Path | None = Field(None, description="Server certificate (PEM) of the TLS listeners; "
+                                       "setting it turns TLS on. Default: made and signed by the platform CA.")
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) of tls_cert_file.")
+    plain_mqtt: bool = Field(True, description="Keep the plain MQTT listener (token log-in) when TLS is on.")
+    ca_cert_file: Path | None = Field(None, description="Your own CA certificate (PEM) for device certificates; "
+                                      "default: a CA made under data_dir/ca.")
+    ca_key_file: Path | None = Field(None, description="The private key (PEM) of ca_cert_file.")
+    device_cert_days: float = Field(365.0, gt=0, description="Days a device certificate is valid.")
     max_payload_bytes: int = Field(256 * 1024, gt=0, description="Largest accepted message or HTTP body, in bytes.")
     flush_interval: float = Field(0.5, gt=0, le=60, description="Seconds between lake commits while data flows.")
     flush_max_rows: int = Field(200_000, gt=0, description="Commit early once this many readings are buffered.")
@@ -88,6 +100,31 @@ class Settings(BaseSettings):
     def catalog(self) -> str:
         """The catalog URL in force."""
         return self.catalog_url or f"sqlite:///{(self.data_dir / 'catalog.db').absolute()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tls_on(self) -> bool:
+        """TLS is on: ``tls``, or a TLS port or certificate given."""
+        return self.tls or self.mqtts_port is not None or self.tls_cert_file is not None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def http_scheme(self) -> str:
+        """``https`` when TLS is on (the API and serving then answer HTTPS only), else ``http``."""
+        return "https" if self.tls_on else "http"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def mqtt_plain_on(self) -> bool:
+        """The plain MQTT listener (token log-in) runs: TLS is off, or ``plain_mqtt`` keeps it."""
+        return self.plain_mqtt or not self.tls_on
+
+    @property
+    def mqtts_port_in_force(self) -> int | None:
+        """The MQTT-over-TLS port (8883 unless set), or ``None`` while TLS is off."""
+        if not self.tls_on:
+            return None
+        return 8883 if self.mqtts_port is None else self.mqtts_port
 
     @property
     def lake(self) -> str:

@@ -80,3 +80,28 @@ class DeviceDirectory(Protocol):
     def broker_users(self) -> Iterable[tuple[str, str]]:
         """``(device_id, bcrypt hash of its token)`` of every active device."""
         ...
+
+
+@dataclass(frozen=True)
+class BrokerIdentity:
+    """A certificate the broker's TLS listener accepts: the user its subject maps to and the
+    subjects that user may publish and subscribe to."""
+
+    user: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+class CertificateDirectory(Protocol):
+    """What the broker reads about certificates and asks of provisioning (``auth.certs.Certificates``)."""
+
+    def version(self) -> int:
+        ...
+
+    def broker_identities(self) -> Iterable[BrokerIdentity]:
+        """A user per valid certificate of an active device or claim."""
+        ...
+
+    def provision(self, claim: str, device_id: str, csr_pem: str) -> dict[str, str]:
+        """``{"device_id", "cert", "ca"}`` for a CSR sent under claim ``claim``; raises ``Iot2mlError``s."""
+        ...
