@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from .core.errors import AuthError, InvalidInput, Iot2mlError, NotFound, QueryError, Transient
+from .core.runtime import http_verify
 
 
 def session_path(data_dir: Path) -> Path:
@@ -41,17 +42,20 @@ class Client:
     """Talks to a running iot2ml API with an API key, or as a user (``Client.login``, or
     ``Client.from_session`` after ``iot2ml login``): the access token is refreshed when it expires."""
 
-    def __init__(self, url: str, key: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, key: str | None = None, *, timeout: float = 60.0, verify: bool | str = True) -> None:
+        """``verify``: what to trust for an ``https://`` URL (a CA bundle file such as the platform's
+        ``<data_dir>/ca/bundle.pem``, ``True`` for the system's)."""
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout,
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=http_verify(verify),
                                   headers={"Authorization": f"Bearer {key}"} if key else {})
         self._refresh: str | None = None
         self._session_file: Path | None = None
 
     @classmethod
-    def login(cls, url: str, username: str, password: str, *, timeout: float = 60.0) -> Client:
+    def login(cls, url: str, username: str, password: str, *, timeout: float = 60.0,
+              verify: bool | str = True) -> Client:
         """A client acting as ``username`` (``POST /api/v1/auth/login``)."""
-        client = cls(url, timeout=timeout)
+        client = cls(url, timeout=timeout, verify=verify)
         client._use(client._call("POST", "/api/v1/auth/login", json={"username": username, "password": password}))
         return client
 
@@ -63,7 +67,7 @@ class Client:
             saved = json.loads(path.read_text())
         except FileNotFoundError:
             raise AuthError(f"no login kept under {data_dir}: run 'iot2ml login --user NAME'") from None
-        client = cls(saved["url"], saved["access_token"], timeout=timeout)
+        client = cls(saved["url"], saved["access_token"], timeout=timeout, verify=saved.get("verify", True))
         client._refresh, client._session_file = saved["refresh_token"], path
         return client
 

@@ -165,6 +165,8 @@ class Platform:
         s = self.settings
         values = s.model_dump()
         ports = {p.setting: values[p.setting] for p in active_ports(s, self.components)}
+        if s.tls_on:  # what clients trust: the platform CA (and, with a certificate it made, the server's)
+            ports["ca_file"] = str(s.data_dir / "ca" / "bundle.pem")
         return {"state": state, "data_dir": str(s.data_dir), "host": s.host, **ports,
                 "endpoints": endpoints(values, self.components), "notes": self.notes, "pids": self.pids()}
 

@@ -157,7 +157,18 @@ def _check(broker, tmp_path: Path) -> None:
     time.sleep(1.0)
     assert not old.connected.is_set(), old.events
     old.stop()
-    fresh.stop()
+
+    # A new CA: certificates it signs get in, and those of the old one still do until they end.
+    certs.ca.rotate()
+    pump11 = certs.issue_device("pump-11", "pump")
+    broker.service.apply_now()
+    after = Tls(port, pump11["ca"], pump11["cert"], pump11["key"], tmp_path / "pump11", "pump-11").start()
+    assert after.connected.wait(10), after.events
+    assert fresh.connected.is_set()
+    still = Tls(port, pump11["ca"], rotated["cert"], rotated["key"], tmp_path / "still", "pump-9c").start()
+    assert still.connected.wait(10), still.events
+    for client in (after, still, fresh):
+        client.stop()
 
 
 def test_mqtts_certificates_and_provisioning_sqlite(tmp_path, make_broker):

@@ -32,6 +32,8 @@ from fastapi import Depends, FastAPI
 
 from ..auth import Guard
 from ..auth.audit import AuditLog, read_audit
+from ..auth.ca import platform_ca
+from ..auth.certs import Certificates
 from ..auth.http import AuthHTTP
 from ..auth.http import router as auth_router
 from ..auth.roles import allows
@@ -51,7 +53,7 @@ from ..core.http import (
     known_query_only,
     provide,
 )
-from ..core.runtime import control_token
+from ..core.runtime import control_token, poke_component
 from ..core.tables import AUDIT
 from ..ingest.http import Schemas, TelemetryHTTP
 from ..ingest.http import router as telemetry_router
@@ -170,7 +172,9 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     provide(app, QueryHTTP(lake, settings.query_timeout, settings.query_max_rows,
                            hidden_for=lambda who: () if allows(who.role, "audit:read") else (AUDIT,)))
     provide(app, AuthHTTP(guard.devices, guard.keys, guard.users, guard.forget,
-                          audit=lambda since, limit: read_audit(lake, since, limit)))
+                          audit=lambda since, limit: read_audit(lake, since, limit),
+                          certs=Certificates(catalog, platform_ca(settings)),
+                          poke_broker=lambda: poke_component(settings.data_dir, "broker")))
     provide(app, MLHTTP(workbench))
     provide(app, DeploymentsControl(Deployments(catalog), guard.devices, lambda: workbench().registry,
                                     settings.data_dir, runtime=runtime, component="api"))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ..core.errors import InvalidInput
 from ..core.http import PUBLIC, Principal, bearer, needs, needs_permission
 from ..core.timeutil import parse_duration
+from .certs import Certificates
 from .store import Devices, Keys
 from .users import Users
 
@@ -27,6 +28,13 @@ class DeviceRequest(BaseModel):
     device_id: str
     type: str
     rotate: bool = False
+    cert: bool = False  # answer a key pair and a certificate signed by the platform CA instead of a token
+
+
+class ClaimRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    type: str
 
 
 class KeyRequest(BaseModel):
@@ -76,6 +84,9 @@ class AuthHTTP:
     users: Users | None = None
     forget: Callable[[], None] = lambda: None
     audit: Callable[[float, int], list[dict[str, Any]]] | None = field(default=None)
+    certs: Certificates | None = None
+    poke_broker: Callable[[], None] = lambda: None
+    """Tell the broker to apply a certificate change now (it also polls)."""
 
 
 router = APIRouter(tags=["users, keys and devices"])
@@ -86,10 +97,17 @@ DevicesWrite = Annotated[Principal, needs_permission("devices:write")]
 KeysAdmin = Annotated[Principal, needs_permission("keys:admin")]
 UsersAdmin = Annotated[Principal, needs_permission("users:admin")]
 AuditRead = Annotated[Principal, needs_permission("audit:read")]
+CaAdmin = Annotated[Principal, needs_permission("ca:admin")]
 
 _TOKENS = {200: {"description": '{"access_token", "refresh_token", "token_type": "bearer", "expires_in"}'},
            401: {"description": "Wrong user name or password, disabled, locked out (retry later), or a refresh "
                                 "token that is unknown, expired or used (then the whole session is revoked)"}}
+
+
+def _certs(deps: AuthHTTP) -> Certificates:
+    if deps.certs is None:
+        raise RuntimeError("this app was not given a certificate store: AuthHTTP(certs=...)")
+    return deps.certs
 
 
 def _users(deps: AuthHTTP) -> Users:
@@ -196,9 +214,62 @@ async def get_devices(_who: DevicesRead, deps: Deps) -> list[dict[str, Any]]:
              responses={409: {"description": "The device exists (send rotate: true for a new token)"},
                         422: {"description": "A device id or type name that is not allowed: the reason says why"}})
 async def post_device(req: DeviceRequest, _who: DevicesWrite, deps: Deps) -> dict[str, str]:
+    if req.cert:  # {"device_id", "cert", "key", "ca", "serial"}: the key is shown once, never stored
+        answer = await asyncio.to_thread(_certs(deps).issue_device, req.device_id, req.type, rotate=req.rotate)
+        deps.poke_broker()
+        return answer
     token = await asyncio.to_thread(deps.devices.add_device, req.device_id, req.type, rotate=req.rotate)
     deps.forget()  # a rotated token replaces the old one at once
     return {"device_id": req.device_id, "token": token}
+
+
+@router.get("/api/v1/devices/{device_id}/certificates", summary="A device's certificates (serial, validity)")
+async def get_device_certs(device_id: str, _who: DevicesRead, deps: Deps) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(_certs(deps).list, device_id)
+
+
+@router.delete("/api/v1/devices/{device_id}/certificates/{serial}", status_code=204,
+               summary="Revoke one certificate: a device connected with it is dropped",
+               responses={404: {"description": "No active certificate of that serial"}})
+async def delete_device_cert(device_id: str, serial: str, _who: DevicesWrite, deps: Deps) -> Response:
+    await asyncio.to_thread(_certs(deps).revoke, device_id, serial=serial)
+    deps.poke_broker()
+    return Response(status_code=204)
+
+
+@router.get("/api/v1/provisioning/claims", summary="Provisioning claims: name, device type, active")
+async def get_claims(_who: DevicesRead, deps: Deps) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(_certs(deps).list_claims)
+
+
+@router.post("/api/v1/provisioning/claims", status_code=201,
+             summary="A provisioning claim: answers its certificate and key once",
+             responses={409: {"description": "A claim of that name exists"}})
+async def post_claim(req: ClaimRequest, _who: DevicesWrite, deps: Deps) -> dict[str, str]:
+    answer = await asyncio.to_thread(_certs(deps).add_claim, req.name, req.type)
+    deps.poke_broker()
+    return answer
+
+
+@router.delete("/api/v1/provisioning/claims/{name}", status_code=204,
+               summary="Revoke a claim (the devices it provisioned keep their certificates)",
+               responses={404: {"description": "No active claim of that name"}})
+async def delete_claim(name: str, _who: DevicesWrite, deps: Deps) -> Response:
+    await asyncio.to_thread(_certs(deps).remove_claim, name)
+    deps.poke_broker()
+    return Response(status_code=204)
+
+
+@router.get("/api/v1/ca", summary="The platform CA: its certificate (PEM), fingerprint, validity, older CAs trusted")
+async def get_ca(_who: DevicesRead, deps: Deps) -> dict[str, Any]:
+    return await asyncio.to_thread(_certs(deps).ca.info)
+
+
+@router.post("/api/v1/ca/rotate", summary="A new CA; certificates the old one signed stay valid until they end")
+async def rotate_ca(_who: CaAdmin, deps: Deps) -> dict[str, Any]:
+    info = await asyncio.to_thread(_certs(deps).ca.rotate)
+    deps.poke_broker()
+    return info
 
 
 @router.delete("/api/v1/devices/{device_id}", status_code=204, summary="Revoke a device",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..core.errors import Iot2mlError
-from . import platform, devices, users, data, ml, deploy, monitor  # noqa: F401, I001 - each registers its commands, in help order
+from . import platform, devices, certs, users, data, ml, deploy, monitor  # noqa: F401, I001 - each registers its commands, in help order
 from ._common import app, err_console
 
 __all__ = ["app", "main"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -157,12 +155,9 @@ def _catalog(data_dir: Path | None, catalog_url: str | None):
 
 def _poke_broker(settings: Settings) -> None:
     """Tell a local broker to re-read the catalog now (it also polls every second)."""
-    from ..core.runtime import read_run_info
+    from ..core.runtime import poke_component
 
-    try:
-        os.kill(int(read_run_info(settings.data_dir, "broker")["pid"]), signal.SIGHUP)
-    except (Iot2mlError, OSError, KeyError, ValueError):
-        pass
+    poke_component(settings.data_dir, "broker")
 
 def _who() -> str:
     """Who changes a deployment from this shell: the OS user, else ``cli``."""

@@ -42,13 +42,40 @@ def _keys(data_dir, catalog_url):
     return settings, _run(Keys, catalog)
 
 
+def _certs(data_dir, catalog_url):
+    from ..auth.ca import platform_ca
+    from ..auth.certs import Certificates
+
+    settings, catalog = _catalog(data_dir, catalog_url)
+    return settings, _run(Certificates, catalog, platform_ca(settings))
+
+
 @devices_app.command("add")
 def devices_add(
     device_id: str, type: Annotated[str, typer.Option("--type", help="Device type = curated table name.")],
-    rotate: Annotated[bool, typer.Option(help="Issue a new token for an existing device.")] = False,
+    rotate: Annotated[bool, typer.Option(help="Issue a new token (with --cert: a new certificate; the old "
+                                         "one stops working) for an existing device.")] = False,
+    cert: Annotated[bool, typer.Option("--cert", help="Issue a key and a certificate signed by the platform CA "
+                                       "(log-in on the MQTTS port) instead of a token.")] = False,
     as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None,
 ) -> None:
-    """Register a device and print its token (shown once; only a hash is stored)."""
+    """Register a device and print its token, or with --cert its key and certificate (shown once;
+    only a hash of a token is stored, a key is never stored)."""
+    if cert:
+        settings, certs = _certs(data_dir, catalog_url)
+        answer = _run(certs.issue_device, device_id, type, rotate=rotate)
+        _poke_broker(settings)
+        from .users import audit_cli
+
+        audit_cli(settings, "devices:write", f"devices add {device_id} --cert (serial {answer['serial']})")
+        if as_json:
+            print(json.dumps(answer))
+        else:
+            console.print(f"device [bold]{device_id}[/] (type {type}) certificate serial {answer['serial']}")
+            console.print(answer["cert"] + answer["key"], end="", markup=False, highlight=False)
+            console.print("CA (trust this to check the server):", markup=False)
+            console.print(answer["ca"], end="", markup=False, highlight=False)
+        return
     settings, devices = _devices(data_dir, catalog_url)
     token = _run(devices.add_device, device_id, type, rotate=rotate)
     _poke_broker(settings)
@@ -56,6 +83,36 @@ def devices_add(
         print(json.dumps({"device_id": device_id, "token": token}))
     else:
         console.print(f"device [bold]{device_id}[/] (type {type}) token: {token}")
+
+
+@devices_app.command("certs")
+def devices_certs(device_id: Annotated[str | None, typer.Argument(help="Only this device's.")] = None,
+                  as_json: AsJson = False, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:
+    """List certificates: serial, device or claim, validity, whether it still works."""
+    _, certs = _certs(data_dir, catalog_url)
+    rows = _run(certs.list, device_id)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        state = "active" if r["active"] else ("revoked" if r["revoked_at"] else "expired")
+        console.print(f"{r['name']}\t{r['kind']}\t{r['serial']}\tuntil {r['not_after']}\t{state}")
+
+
+@devices_app.command("revoke-cert")
+def devices_revoke_cert(
+    device_id: str,
+    serial: Annotated[str | None, typer.Option(help="Only this certificate (default: all of the device's).")] = None,
+    data_dir: DataDir = None, catalog_url: CatalogUrl = None,
+) -> None:
+    """Revoke a device's certificate(s): a device connected with one is dropped at once."""
+    settings, certs = _certs(data_dir, catalog_url)
+    n = _run(certs.revoke, device_id, serial=serial)
+    _poke_broker(settings)
+    from .users import audit_cli
+
+    audit_cli(settings, "devices:write", f"devices revoke-cert {device_id}" + (f" --serial {serial}" if serial else ""))
+    console.print(f"{n} certificate(s) of {device_id} revoked")
 
 @devices_app.command("remove")
 def devices_remove(device_id: str, data_dir: DataDir = None, catalog_url: CatalogUrl = None) -> None:

@@ -78,13 +78,15 @@ def _banner(info: dict[str, Any], admin_key: str, *, as_json: bool = False) -> N
     """What ``up`` prints once everything answers: ``info`` is the supervisor's ``up.json``."""
     if as_json:
         urls = {e["key"]: e["url"] for e in info["endpoints"]}
-        keys = ("data_dir", "host", "nats_port", "mqtt_port", "http_port", "serve_port", "notes", "pid")
+        keys = ("data_dir", "host", "nats_port", "mqtt_port", "mqtts_port", "http_port", "serve_port", "ca_file",
+                "notes", "pid")
         print(json.dumps({**{k: info.get(k) for k in keys}, "urls": urls, "admin_key": admin_key}), flush=True)
         return
     for note in info.get("notes", ()):
         console.print(f"[yellow]note:[/] {note}")
     console.print("[bold green]iot2ml is up[/]")
     rows = [(e["label"], e["url"] + (f"   ({e['note']})" if e["note"] else "")) for e in info["endpoints"]]
+    rows += [("CA file", info["ca_file"])] if info.get("ca_file") else []
     rows += [("data dir", info["data_dir"]), ("admin key", admin_key)]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:

@@ -143,12 +143,14 @@ def users_remove(name: str, data_dir: DataDir = None, catalog_url: CatalogUrl = 
 # --------------------------------------------------------------------------- login
 
 
-def _api_url(settings: Any, url: str | None) -> str:
-    if url:
-        return url.rstrip("/")
-    from ..core.runtime import running_info
+def _api_url(settings: Any, url: str | None) -> tuple[str, str | bool]:
+    """The API's URL and what to trust for its HTTPS certificate."""
+    from ..core.runtime import running_info, tls_verify
 
-    return _run(running_info, settings.data_dir, "api")["url"]
+    if url:
+        return url.rstrip("/"), True
+    info = _run(running_info, settings.data_dir, "api")
+    return str(info["url"]).replace("://0.0.0.0:", "://127.0.0.1:"), tls_verify(info)
 
 
 @app.command()
@@ -163,12 +165,14 @@ def login(
     import httpx
 
     from ..client import save_session, session_path
+    from ..core.runtime import http_verify
 
     settings = _run(_settings, data_dir=data_dir)
-    base = _api_url(settings, url)
+    base, verify = _api_url(settings, url)
     password = _password(password_stdin, confirm=False)
     try:
-        r = httpx.post(f"{base}/api/v1/auth/login", json={"username": user, "password": password}, timeout=30)
+        r = httpx.post(f"{base}/api/v1/auth/login", json={"username": user, "password": password}, timeout=30,
+                       verify=http_verify(verify))
     except httpx.HTTPError as err:
         _fail(InvalidInput(f"the API at {base} is unreachable: {err}"))
     if r.status_code != 200:
@@ -176,7 +180,8 @@ def login(
         _fail(InvalidInput(f"login refused ({r.status_code}): {detail}"))
     pair = r.json()
     path = session_path(settings.data_dir)
-    save_session(path, {"url": base, "user": user, **pair, "expires_at": time.time() + pair["expires_in"]})
+    save_session(path, {"url": base, "user": user, **pair, "expires_at": time.time() + pair["expires_in"],
+                        "verify": verify})
     if as_json:
         print(json.dumps({"user": user, "url": base, "expires_in": pair["expires_in"], "session": str(path)}))
     else:
@@ -190,6 +195,7 @@ def logout(data_dir: DataDir = None) -> None:
     import httpx
 
     from ..client import session_path
+    from ..core.runtime import http_verify
 
     settings = _run(_settings, data_dir=data_dir)
     path = session_path(settings.data_dir)
@@ -199,7 +205,8 @@ def logout(data_dir: DataDir = None) -> None:
         console.print("not logged in")
         return
     try:
-        httpx.post(f"{saved['url']}/api/v1/auth/logout", json={"refresh_token": saved["refresh_token"]}, timeout=10)
+        httpx.post(f"{saved['url']}/api/v1/auth/logout", json={"refresh_token": saved["refresh_token"]}, timeout=10,
+                   verify=http_verify(saved.get("verify", True)))
     except httpx.HTTPError:
         pass  # the tokens are forgotten here anyway; the refresh token expires on its own
     path.unlink(missing_ok=True)

@@ -197,3 +197,28 @@ def _with_flags(argv: list[str], values: dict[str, int]) -> list[str]:
     for flag, value in values.items():
         out += [flag, str(value)]
     return out
+
+
+def poke_component(data_dir: Path, component: str) -> None:
+    """SIGHUP a local ``component`` (the broker re-reads the catalog then); nothing if none runs here."""
+    import signal
+
+    try:
+        os.kill(int(read_run_info(data_dir, component)["pid"]), signal.SIGHUP)
+    except (NotFound, OSError, KeyError, ValueError):
+        pass
+
+
+def tls_verify(info: dict[str, Any]) -> str | bool:
+    """What an HTTP client of a component should trust, from its run file: the platform CA bundle
+    when the component serves HTTPS with a certificate the platform made, else the system's."""
+    return str(info.get("ca_file") or "") or True
+
+
+def http_verify(value: str | bool) -> Any:
+    """``verify=`` for httpx from ``tls_verify``'s answer: an SSL context trusting that CA file, or the flag."""
+    if isinstance(value, str):
+        import ssl
+
+        return ssl.create_default_context(cafile=value)
+    return value

@@ -150,14 +150,16 @@ def serves(described: list[dict[str, Any]], name: str, want: Deployment | None) 
 def _http_peer(data_dir: Path, component: str, info: dict[str, Any]) -> Peer:
     import httpx
 
-    from ..core.runtime import control_token
+    from ..core.runtime import control_token, http_verify, tls_verify
 
     url = str(info["url"]).replace("://0.0.0.0:", "://127.0.0.1:")
+    verify = http_verify(tls_verify(info))
     headers = {"Authorization": f"Bearer {control_token(data_dir)}"}
 
     def refresh(timeout: float) -> list[dict[str, Any]]:
         try:
-            r = httpx.post(f"{url}/api/v1/serving/refresh", headers=headers, timeout=max(timeout, 0.1))
+            r = httpx.post(f"{url}/api/v1/serving/refresh", headers=headers, timeout=max(timeout, 0.1),
+                           verify=verify)
         except httpx.HTTPError as err:
             raise NotConfirmed(f"did not answer ({type(err).__name__}: {err})") from None
         if r.status_code != 200:

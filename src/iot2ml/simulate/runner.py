@@ -26,7 +26,7 @@ from ..core.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import AuthError, BrokerUnavailable, ConfigError, Iot2mlError, Transient
 from ..core.ids import check_device_id
-from ..core.runtime import read_run_info
+from ..core.runtime import http_verify, read_run_info, tls_verify
 from .scenarios import get_scenario
 
 __all__ = ["SimulationStats", "run_simulation"]
@@ -119,6 +119,7 @@ def run_simulation(
         host, port = _mqtt_address(settings, mqtt_host, mqtt_port)
     else:
         url = _api_url(settings, api_url)
+        verify = True if api_url else tls_verify(read_run_info(settings.data_dir, "api"))
 
     catalog = Catalog(settings.catalog)
     try:
@@ -137,7 +138,7 @@ def run_simulation(
     if transport == "mqtt":
         fleet = _MqttFleet(host, port, ids, tokens)
     else:
-        fleet = _HttpFleet(url, ids, tokens)
+        fleet = _HttpFleet(url, ids, tokens, verify=verify)
     started = time.monotonic()
     try:
         fleet.connect(connect_timeout)
@@ -512,9 +513,11 @@ class _HttpFleet(_Fleet):
 
     def __init__(
         self, url: str, ids: list[str], tokens: list[str], *, batch_max: int = 200, flush_every: float = 0.25,
+        verify: bool | str = True,
     ) -> None:
         super().__init__(ids, tokens)
         self.url = url
+        self.verify = verify
         self.batch_max, self.flush_every = batch_max, flush_every
         self.buffers: list[list[bytes]] = [[] for _ in ids]
         self.last_flush = time.monotonic()
@@ -531,6 +534,7 @@ class _HttpFleet(_Fleet):
 
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=self.workers),
+            verify=http_verify(self.verify),
         )
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="iot2ml-sim-http")
 
