@@ -31,6 +31,7 @@ from .core.catalog import Catalog
 from .core.config import Settings
 from .core.errors import Iot2mlError, NotFound
 from .core.runtime import (
+    DETACHED_ENV,
     clear_run_info,
     pid_alive,
     read_run_info,
@@ -265,8 +266,10 @@ def start_detached(argv: Sequence[str], data_dir: Path, *, timeout: float = 180.
     log_path = run_dir(data_dir) / f"{RUN_NAME}.log"
     if info is None:
         with open(log_path, "ab") as out:
+            # Its banner goes to a log: it names the admin key's file instead of printing the key.
             proc = subprocess.Popen([sys.executable, "-m", "iot2ml", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, DETACHED_ENV: "1"})
         pid = proc.pid
     else:
         pid = int(info["pid"])

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..components import COMPONENTS, Component
+from ..core.runtime import DETACHED_ENV
 from ._common import (
     AsJson,
     DataDir,
@@ -87,6 +90,8 @@ def _banner(info: dict[str, Any], admin_key: str, *, as_json: bool = False) -> N
     console.print("[bold green]iot2ml is up[/]")
     rows = [(e["label"], e["url"] + (f"   ({e['note']})" if e["note"] else "")) for e in info["endpoints"]]
     rows += [("CA file", info["ca_file"])] if info.get("ca_file") else []
+    if os.environ.get(DETACHED_ENV):  # this console is a log file: secrets stay out of logs
+        admin_key = f"in {Path(info['data_dir']) / 'secrets' / 'admin.key'}"
     rows += [("data dir", info["data_dir"]), ("admin key", admin_key)]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:

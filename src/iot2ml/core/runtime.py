@@ -15,6 +15,10 @@ from typing import Any
 from .errors import NotFound, PortInUse
 
 
+DETACHED_ENV = "IOT2ML_DETACHED"
+"""Set for the ``up`` that ``up --detach`` starts in the background (its console is ``up.log``)."""
+
+
 def run_dir(data_dir: Path) -> Path:
     path = Path(data_dir) / "run"
     path.mkdir(parents=True, exist_ok=True)
