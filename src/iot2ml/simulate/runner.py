@@ -168,6 +168,9 @@ def _mqtt_address(settings: Settings, host: str | None, port: int | None) -> tup
     if host is None or port is None:
         info = read_run_info(settings.data_dir, "broker")
         host = host or info["host"]
+        if not port and not info.get("mqtt_port"):
+            raise ConfigError("the platform runs without plain MQTT (--no-plain-mqtt): simulated devices log in "
+                              "with tokens, so use --transport http, or start it with plain MQTT on")
         port = port or int(info["mqtt_port"])
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
