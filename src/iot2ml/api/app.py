@@ -36,6 +36,7 @@ from ..auth.ca import platform_ca
 from ..auth.certs import Certificates
 from ..auth.http import AuthHTTP
 from ..auth.http import router as auth_router
+from ..auth.limits import Limits
 from ..auth.roles import allows
 from ..auth.store import Devices
 from ..auth.users import TokenPolicy
@@ -125,7 +126,8 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     and leaves the canary judge to ``iot2ml serve``)."""
     catalog = catalog or Catalog(settings.catalog)
     lake = lake or Lake(settings.lake, settings.lake_storage_options)
-    guard = Guard(catalog, control=control_token(settings.data_dir), policy=TokenPolicy.from_settings(settings))
+    guard = Guard(catalog, control=control_token(settings.data_dir), policy=TokenPolicy.from_settings(settings),
+                  limits=Limits.from_settings(settings))
     audit = AuditLog(lake, component="api")
     broker = _Broker(nats_url)
     benches: list[Any] = []

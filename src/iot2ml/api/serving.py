@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from ..auth import Guard
 from ..auth.audit import AuditLog
+from ..auth.limits import Limits
 from ..auth.users import TokenPolicy
 from ..core.catalog import Catalog
 from ..core.config import Settings
@@ -41,7 +42,8 @@ def create_serve_app(settings: Settings, *, catalog: Catalog, runtime: ServingRu
                      nats_url: str | Callable[[], str] | None = None) -> FastAPI:
     """The app of ``iot2ml serve``. With ``nats_url`` (a URL or a function giving one) it also answers
     MQTT requests and runs the streaming deployments."""
-    guard = Guard(catalog, control=control_token(settings.data_dir), policy=TokenPolicy.from_settings(settings))
+    guard = Guard(catalog, control=control_token(settings.data_dir), policy=TokenPolicy.from_settings(settings),
+                  limits=Limits.from_settings(settings))
     audit = AuditLog(getattr(runtime, "lake", None), component="serve")  # refusals and refreshes
     channels: dict[str, Any] = {}
 

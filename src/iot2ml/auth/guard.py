@@ -4,7 +4,13 @@ this process's routes at once (``forget``).
 
 ``Guard`` is the ``core.http.Credentials`` the composition roots hand to their apps: it tells who a
 bearer token belongs to (a device, an API key, a user's access token, the data dir's control secret)
-and whether their role grants a route's declared permission (``auth.roles``)."""
+and whether their role grants a route's declared permission (``auth.roles``).
+
+It is also where requests are counted against their caller's rate limit (``auth.limits``): each
+``authorize`` and ``device`` answer costs the caller one request, ``charge`` the bytes of a payload;
+over a limit they raise ``RateLimited`` (429 with ``Retry-After``). The data dir's control secret
+(the CLI on this machine, which can change the catalog anyway) is not limited; the admin API key
+printed by ``iot2ml up`` is, like every key."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from collections.abc import Callable
 from ..core.catalog import Catalog
 from ..core.errors import AuthError, Forbidden
 from ..core.http import Principal
+from .limits import Limits
 from .roles import DEVICE_PERMISSIONS, PUBLIC, ROLE_PERMISSIONS, roles_with
 from .store import Devices, Keys, sha256
 from .users import TokenPolicy, Users
@@ -27,11 +34,13 @@ LOCAL = Principal("key", "local", "admin")
 
 class Guard:
     """Device tokens, API keys and users' access tokens from ``catalog``; ``control`` is the data dir's
-    control secret (``core.runtime.control_token``), accepted as admin for the CLI on this machine."""
+    control secret (``core.runtime.control_token``), accepted as admin for the CLI on this machine;
+    ``limits`` the rate limits of callers (``Limits.from_settings``; default none)."""
 
     def __init__(self, catalog: Catalog, *, ttl: float = 2.0, control: str | None = None,
-                 policy: TokenPolicy | None = None) -> None:
+                 policy: TokenPolicy | None = None, limits: Limits | None = None) -> None:
         self.catalog = catalog
+        self.limits = limits or Limits.off()
         self.devices = Devices(catalog)
         self.keys = Keys(catalog)
         self.users = Users(catalog, policy)
@@ -96,6 +105,7 @@ class Guard:
                             "use the device's own token")
         if who.name != device_id:
             raise Forbidden(f"this token belongs to device {who.name!r}, not {device_id!r}")
+        self.limits.admit(who)
         return who
 
     def caller(self, token: str | None) -> Principal:
@@ -119,6 +129,8 @@ class Guard:
         if permission == PUBLIC:
             return Principal("anonymous", "", "")
         who = self.caller(token)
+        if who is not LOCAL:
+            self.limits.admit(who)  # denied requests count too: a flood of them is still a flood
         if who.kind == "device":
             if permission in DEVICE_PERMISSIONS:
                 return who
@@ -129,6 +141,11 @@ class Guard:
             raise Forbidden(f"{who.kind} {who.name!r} has role {who.role!r}; {permission} needs "
                             + (f"role {' or '.join(need)}" if need else "a device's own token"))
         return who
+
+    def charge(self, who: Principal, nbytes: int) -> None:
+        """Count ``nbytes`` of a payload ``who`` sent (a device's telemetry or prediction body)
+        against its byte quota; ``RateLimited`` (429) when over."""
+        self.limits.charge(who, nbytes)
 
     # ---- before permissions (kept for callers of the first API) ---------------------------
     def key(self, key: str | None, *, role: str = "reader") -> Principal:

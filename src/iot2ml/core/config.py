@@ -90,6 +90,19 @@ class Settings(BaseSettings):
     auth_lockout_max: float = Field(900.0, ge=0, description="Longest lockout, in seconds.")
     query_timeout: float = Field(30.0, gt=0, description="Seconds a SQL query may run.")
     query_max_rows: int = Field(100_000, gt=0, description="Most rows a SQL query returns.")
+    # Limits (auth/limits.py)
+    limit_device_rate: float = Field(1000.0, ge=0, description="Requests (HTTP) and messages (MQTT) a device "
+                                     "may send per second, sustained (0 = no limit).")
+    limit_device_burst: float = Field(20_000.0, ge=1, description="Requests or messages a device may send at "
+                                      "once above limit_device_rate (token bucket size).")
+    limit_device_bytes: float = Field(8 * 1024**2, ge=0, description="Payload bytes a device may send per "
+                                      "second, sustained: telemetry, MQTT messages, prediction bodies (0 = no limit).")
+    limit_device_bytes_burst: float = Field(64 * 1024**2, ge=1, description="Payload bytes a device may send at "
+                                            "once above limit_device_bytes (token bucket size).")
+    limit_key_rate: float = Field(1000.0, ge=0, description="HTTP requests an API key or a user may make per "
+                                  "second, sustained (0 = no limit).")
+    limit_key_burst: float = Field(20_000.0, ge=1, description="HTTP requests an API key or a user may make at "
+                                   "once above limit_key_rate (token bucket size).")
 
     @field_validator("data_dir")
     @classmethod

@@ -9,7 +9,9 @@
      |    +-- LakeUnavailable
      |    +-- ModelFailed   a model raised, or did not load, on valid input
      |    +-- NotConfirmed  a deployment change is stored; a serving process
-     |                      did not serve it in time                                 504
+     |    |                 did not serve it in time                                 504
+     |    +-- RateLimited   a caller over its rate limit or payload quota; says
+     |                      when to retry (``Retry-After``)                          429
      +-- Terminal           retrying will not help                                   400
           +-- InvalidInput  data that parses but is wrong: names the field           422
           |    +-- PayloadTooLarge   a body over max_payload_bytes                   413
@@ -59,6 +61,15 @@ class ModelFailed(Transient):
 
 class NotConfirmed(Transient):
     """A deployment change is stored, but a serving process did not answer with it in time."""
+
+
+class RateLimited(Transient):
+    """A device, API key or user is over its rate limit or payload quota (``auth.limits``):
+    ``retry_after`` is the whole seconds (>= 1) before the request would be served."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
 
 
 class InvalidInput(Terminal):

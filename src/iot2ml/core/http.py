@@ -9,7 +9,9 @@
   the composition root hands it in with ``provide(app, obj)``. No route reaches into another module.
 - Errors: ``http_status(err)`` is the one status mapping of the error tree drawn in
   ``core/errors.py``; ``install_error_handlers`` answers every ``Iot2mlError`` (and
-  ``PermissionError``) with ``{"detail": ...}`` and that status.
+  ``PermissionError``) with ``{"detail": ...}`` and that status (429 adds ``Retry-After``).
+- Limits: the ``Credentials`` count each request against its caller's rate limit when they
+  resolve it (``authorize``, ``device``); routes that take a payload ``charge`` its bytes.
 - ``/metrics``: Prometheus metrics of every iot2ml process of this data dir.
 
 Imported only by the HTTP modules (``import iot2ml`` loads no FastAPI); prometheus_client only when
@@ -39,6 +41,7 @@ from .errors import (
     NotConfirmed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     Transient,
 )
 from .ids import check_device_id
@@ -66,6 +69,8 @@ def http_status(err: BaseException) -> int:
         return 422
     if isinstance(err, NotConfirmed):
         return 504
+    if isinstance(err, RateLimited):
+        return 429
     if isinstance(err, Transient):
         return 503
     return 400
@@ -85,7 +90,10 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def error_response(err: BaseException) -> Response:
-    return json_response({"detail": error_detail(err)}, http_status(err))
+    response = json_response({"detail": error_detail(err)}, http_status(err))
+    if isinstance(err, RateLimited):
+        response.headers["Retry-After"] = str(err.retry_after)
+    return response
 
 
 async def known_query_only(request: Request) -> None:
@@ -180,6 +188,10 @@ class Credentials(Protocol):
 
     def caller(self, token: str | None) -> Principal:
         """A device, an API key or a user, of any role."""
+        ...
+
+    def charge(self, who: Principal, nbytes: int) -> None:
+        """Count ``nbytes`` of payload against ``who``'s quota; ``RateLimited`` (429) when over."""
         ...
 
 

@@ -4,6 +4,10 @@ Columnar where it counts: each payload is parsed once by orjson, then every colu
 ``pyarrow.array`` call. Only a column whose values do not fit its type is walked value by value, to
 name the culprit rows in their dead letters; every other row of the batch is kept.
 
+Limits: with a ``limiter`` (``auth.limits.DeviceLimiter``, handed in by the service) each device's
+messages and payload bytes are checked against its buckets on the broker's clock, the whole batch
+at once; a message over a limit becomes a dead letter naming the limit (it is not in ``raw``).
+
 Types: JSON numbers become DOUBLE (like InfluxDB fields: an integer reading today and a fractional one
 tomorrow must not split a column), booleans BOOLEAN, strings VARCHAR. A device type can declare
 ``int`` or ``timestamp`` columns up front. Nested objects and arrays are refused with a reason.
@@ -16,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from operator import attrgetter
+from typing import Protocol
 
 import numpy as np
 import orjson
@@ -54,6 +60,18 @@ class InMessage:
     subject: str
     received_us: int
     data: bytes
+
+
+class Limiter(Protocol):
+    """Per-device rate limits over a batch (``auth.limits.DeviceLimiter``)."""
+
+    def check(self, devices: pa.Array, sizes: np.ndarray, times_us: np.ndarray) -> np.ndarray:
+        """A code per message: 0 within the limits, else why not (for ``reason``)."""
+        ...
+
+    def reason(self, device: str, code: int) -> str:
+        """The dead letter's reason for ``code``."""
+        ...
 
 
 @dataclass
@@ -120,6 +138,7 @@ class Decoder:
 
     ``device_type(device_id)`` returns the device's type or ``None`` if it is unknown.
     ``schemas`` maps type name -> ``{column: kind}`` (from the lake and from declared schemas).
+    ``limiter`` refuses what a device sends over its rate limits (none: no limits).
     """
 
     def __init__(
@@ -130,8 +149,10 @@ class Decoder:
         declared: dict[str, dict[str, str]] | None = None,
         max_payload_bytes: int = 256 * 1024,
         dedup_window: float = 600.0,
+        limiter: Limiter | None = None,
     ) -> None:
         self.device_type = device_type
+        self.limiter = limiter
         self.schemas: dict[str, dict[str, str]] = {k: dict(v) for k, v in (schemas or {}).items()}
         self.declared: dict[str, dict[str, str]] = {k: dict(v) for k, v in (declared or {}).items()}
         self.max_payload_bytes = max_payload_bytes
@@ -165,7 +186,9 @@ class Decoder:
             dead["payload"].append(payload[:_DEAD_PAYLOAD_CHARS])
             dead["day"].append(_day(received))
 
-        for msg in messages:
+        limited = self._limited(messages) if self.limiter is not None else None
+        reasons: dict[tuple[str, int], str] = {}
+        for i, msg in enumerate(messages):
             result.messages += 1
             result.seq_hi = max(result.seq_hi, msg.seq)
             parts = msg.subject.split(".")
@@ -176,6 +199,13 @@ class Decoder:
                 reject(msg.seq, device, topic, msg.received_us,
                        f"payload is {size} bytes, over max_payload_bytes={self.max_payload_bytes}",
                        msg.data[:_DEAD_PAYLOAD_CHARS].decode("utf-8", "replace"))
+                continue
+            if limited is not None and limited[i]:
+                code = limited[i]
+                reason = reasons.get((device, code))
+                if reason is None:
+                    reason = reasons[device, code] = self.limiter.reason(device, code)  # type: ignore[union-attr]
+                reject(msg.seq, device, topic, msg.received_us, reason, _text(msg.data))
                 continue
             raw_cols["_seq"].append(msg.seq)
             raw_cols["topic"].append(topic)
@@ -245,6 +275,18 @@ class Decoder:
         result.dead = result.dead_letters.num_rows
         self.dedup.expire(time.time())
         return result
+
+    def _limited(self, messages: list[InMessage]) -> list[int]:
+        """The limiter's code for each message (0 = within), from Arrow/numpy columns of the batch;
+        a message over max_payload_bytes costs nothing (it is refused for its size)."""
+        n = len(messages)
+        sizes = np.fromiter(map(len, map(attrgetter("data"), messages)), dtype=np.int64, count=n)
+        sizes[sizes > self.max_payload_bytes] = 0
+        times = np.fromiter(map(attrgetter("received_us"), messages), dtype=np.int64, count=n)
+        subjects = pa.array(list(map(attrgetter("subject"), messages)), pa.string())
+        found = pa.compute.extract_regex(subjects, r"^[^.]*\.(?P<device>[^.]*)\.")  # devices.<id>.telemetry
+        devices = pa.compute.if_else(found.is_valid(), found.field("device"), pa.scalar("", pa.string()))
+        return self.limiter.check(devices, sizes, times).tolist()  # type: ignore[union-attr]
 
     # ---- one device type --------------------------------------------------------------------
     def _build(self, dtype: str, rows: _Rows, reject: Callable[..., None]) -> tuple[pa.Table | None, tuple[int, int]]:

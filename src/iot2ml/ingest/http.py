@@ -3,6 +3,8 @@
 The body is decoded and checked as the ingest would (every problem listed, nothing stored if one
 is found), then published to the broker's stream; the 201 comes only once JetStream stored it, so
 an HTTP post is as durable as an MQTT QoS 1 publish. The ingest writes it to the lake from there.
+The request and the body's bytes count against the device's limits (``auth.limits``): 429 with
+``Retry-After`` when over.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 
 from ..core.errors import Malformed, PayloadTooLarge
-from ..core.http import DeviceOwner, needs
+from ..core.http import Credentials, DeviceOwner, needs, provided
 from ..core.storage import TableStore
 from ..core.tables import BASE_COLUMNS, BUILT_IN
 from ..core.timeutil import now_us
@@ -68,6 +70,7 @@ Deps = Annotated[TelemetryHTTP, needs(TelemetryHTTP)]
     summary="Send readings from a device",
     responses={400: {"description": "Bad payload: every problem is listed"}, 401: {}, 403: {}, 413: {},
                422: {"description": "The device id in the path is not valid"},
+               429: {"description": "The device is over its rate limit or payload quota: see Retry-After"},
                503: {"description": "The broker did not confirm the write: retry"}},
 )
 async def post_telemetry(
@@ -87,6 +90,7 @@ async def post_telemetry(
         if len(body) > limit:
             raise PayloadTooLarge(f"body is over max_payload_bytes={limit}")
     data = bytes(body)
+    provided(request, Credentials).charge(who, len(data))  # the device's payload quota
     decoder = Decoder(lambda _d: who.role, schemas=deps.schemas.get(), max_payload_bytes=limit, dedup_window=0)
     decoded = decoder.decode([InMessage(0, telemetry_subject(device_id), now_us(), data)])
     if decoded.dead:

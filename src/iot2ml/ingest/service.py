@@ -6,6 +6,12 @@ the rows. ``raw`` is committed last, so on start the ingest resumes after raw's 
 every other table, skips rows whose sequence that table already holds. No broker acks are needed: the
 lake is the consumer position. Resends by devices (same ``device_id`` + ``msg_id``) are dropped
 within ``dedup_window``.
+
+Limits: each device's messages and payload bytes are checked against its buckets
+(``auth.limits.DeviceLimiter``, settings ``limit_device_*``) on the broker's timestamps, so a backlog
+drained after an outage is judged at the rate it was sent, not the rate it is read. The excess is
+dead-lettered with the limit as reason. The buckets live in memory: after a restart a replayed batch
+is decided afresh (devices start with full buckets).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..auth.limits import DeviceLimiter
 from ..core.config import Settings
 from ..core.devices import DeviceDirectory
 from ..core.errors import LakeUnavailable
@@ -214,6 +221,7 @@ class IngestService:
             declared=types.declared,
             max_payload_bytes=self.settings.max_payload_bytes,
             dedup_window=self.settings.dedup_window,
+            limiter=DeviceLimiter.from_settings(self.settings),
         )
         decoder.remember(await asyncio.to_thread(recent_msg_ids, self.lake, self.settings.dedup_window))
         writer = await asyncio.to_thread(LakeWriter, self.lake, decoder, app_id=self.app_id)

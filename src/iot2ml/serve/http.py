@@ -122,6 +122,7 @@ async def _read(request: Request, max_body: int) -> dict[str, Any]:
                400: {"description": "Body is not a JSON object"}, 401: {}, 403: {},
                404: {"description": "Model not deployed"}, 413: {"description": "Body too large"},
                422: {"description": "An instance lacks, adds or mistypes a field: named in detail"},
+               429: {"description": "The caller is over its rate limit or payload quota: see Retry-After"},
                503: {"description": "The model failed"}},
 )
 async def predict(name: str, request: Request) -> Response:
@@ -129,8 +130,10 @@ async def predict(name: str, request: Request) -> Response:
     serving = provided(request, Serving)
     runtime = serving.runtime
     try:
-        who = provided(request, Credentials).authorize(bearer(request.headers.get("authorization")), "predict")
+        credentials = provided(request, Credentials)
+        who = credentials.authorize(bearer(request.headers.get("authorization")), "predict")  # counts the request
         data = await _read(request, serving.max_body)
+        credentials.charge(who, len(await request.body()))  # a device's payload quota (the body is read once)
         key = who.name if who.kind == "device" else None
         if key is not None:
             runtime.check_device(name, who.name, who.role)
