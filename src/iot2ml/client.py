@@ -19,7 +19,15 @@ from typing import Any
 
 import httpx
 
-from .core.errors import AuthError, InvalidInput, Iot2mlError, NotFound, QueryError, Transient
+from .core.errors import (
+    AuthError,
+    InvalidInput,
+    Iot2mlError,
+    NotFound,
+    QueryError,
+    RateLimited,
+    Transient,
+)
 from .core.runtime import http_verify
 
 
@@ -111,6 +119,8 @@ class Client:
             detail = r.json().get("detail", r.text)
         except ValueError:
             detail = r.text
+        if r.status_code == 429:  # over a rate limit: the caller may wait Retry-After seconds and retry
+            raise RateLimited(f"{method} {path} -> 429: {detail}", int(r.headers.get("retry-after") or 1))
         kind = {401: AuthError, 403: AuthError, 404: NotFound}.get(r.status_code, Iot2mlError)
         if r.status_code == 400 and path.endswith("/query"):
             kind = QueryError

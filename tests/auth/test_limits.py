@@ -463,3 +463,19 @@ def test_mqtt_a_flooding_device_is_dead_lettered_while_another_lands_every_readi
               f"(limit {MQTT_RATE}/s, burst {MQTT_BURST}); well-behaved device {landed['mcalm-1']}/{sent_calm} landed")
     finally:
         stop(ingest)
+
+
+def test_the_sdk_raises_rate_limited_with_retry_after(limited):
+    """iot2ml.Client over real HTTP: a 429 is a ``RateLimited`` (a ``Transient``) carrying Retry-After."""
+    from test_users_cli import serving
+
+    import iot2ml
+    from iot2ml.core.errors import RateLimited, Transient
+
+    key = Keys(Catalog(limited.catalog)).add_key("sdk-key", "viewer")
+    with serving(limited) as url, iot2ml.Client(url, key) as client:
+        with pytest.raises(RateLimited) as caught:
+            for _ in range(BURST + 40):
+                client.tables()
+        assert isinstance(caught.value, Transient) and caught.value.retry_after >= 1
+        assert "rate limit: API key sdk-key" in str(caught.value)
