@@ -190,12 +190,21 @@ def _run_http(settings: Settings, name: str, app: Any, port: int) -> None:
         tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         info = {"url": f"https://{settings.host}:{port}", "port": port,
                 "ca_file": None if settings.tls_cert_file else str(bundle)}
-    write_run_info(settings.data_dir, name, info)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # ready = listening (a TLS listener takes a moment more to load)
+                write_run_info(settings.data_dir, name, info)
+
+    server = Server(uvicorn.Config(app, host=settings.host, port=port, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=5, **tls))
     try:
-        uvicorn.run(app, host=settings.host, port=port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=5, **tls)
+        server.run()
     finally:
         clear_run_info(settings.data_dir, name)
+    if not server.started:
+        raise SystemExit(3)  # as uvicorn.run: the app or the port failed at startup (logged above)
 
 
 def run_api_component(settings: Settings, *, port: int | None = None) -> None:
