@@ -6,9 +6,12 @@ writer that restarts can ask each table how far it got (``txn_version``) and ski
 
 from __future__ import annotations
 
+import os
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 
@@ -23,6 +26,50 @@ TABLE_CONFIG = {
 }
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """One Parquet file of a table version: its local path, the Delta partition values it holds
+    (not stored in the file) and whether its statistics show every non-partition column of the
+    version's schema (``False`` when unknown, e.g. a file written before a column was added)."""
+
+    path: str
+    partition: dict[str, str | None]
+    has_all_columns: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One Delta version of a table, as a reader needs it to read exactly that version.
+
+    ``files`` are the version's data files when they can be read as plain Parquet on local disk
+    (reader protocol 1: no deletion vectors, no column mapping); otherwise ``None``, and
+    ``dataset()`` is the way to read the version (it always is one).
+    """
+
+    table: str
+    version: int
+    schema: pa.Schema
+    partition_by: tuple[str, ...]
+    files: tuple[DataFile, ...] | None
+    _load: Any = field(default=None, repr=False, compare=False)
+    _commit: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    _made: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What tells this version apart: table, version and (on local disk) its commit file, which
+        differs when the table was written again from scratch."""
+        return (self.table, self.version, self._commit)
+
+    def dataset(self) -> Any:
+        """A ``pyarrow.dataset.Dataset`` of exactly this version (made once, on first use)."""
+        with self._lock:
+            if "dataset" not in self._made:
+                self._made["dataset"] = self._load()
+            return self._made["dataset"]
+
+
 class Lake:
     """The Delta tables of one data lake."""
 
@@ -35,6 +82,7 @@ class Lake:
         else:
             self.storage_options = _with_http_allowed(self.storage_options)
         self._cache: dict[str, Any] = {}
+        self._snapshots: dict[str, Snapshot] = {}
         self._lock = threading.Lock()
 
     def uri(self, table: str) -> str:
@@ -108,22 +156,25 @@ class Lake:
     # ---- open / read -------------------------------------------------------------------
     def open(self, table: str, *, refresh: bool = True) -> Any:
         """The table's ``DeltaTable`` (cached; ``refresh`` loads commits made since)."""
+        with self._lock:
+            return self._open_locked(table, refresh=refresh)
+
+    def _open_locked(self, table: str, *, refresh: bool) -> Any:
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
-        with self._lock:
-            dt = self._cache.get(table)
-            try:
-                if dt is None:
-                    dt = DeltaTable(self.uri(table), storage_options=self.storage_options)
-                    self._cache[table] = dt
-                elif refresh:
-                    dt.update_incremental()
-            except TableNotFoundError:
-                raise NotFound(f"no table {table!r} in the lake: see 'iot2ml tables'") from None
-            except Exception as err:  # noqa: BLE001
-                raise LakeUnavailable(f"table {table!r} cannot be read: {err}") from err
-            return dt
+        dt = self._cache.get(table)
+        try:
+            if dt is None:
+                dt = DeltaTable(self.uri(table), storage_options=self.storage_options)
+                self._cache[table] = dt
+            elif refresh:
+                dt.update_incremental()
+        except TableNotFoundError:
+            raise NotFound(f"no table {table!r} in the lake: see 'iot2ml tables'") from None
+        except Exception as err:  # noqa: BLE001
+            raise LakeUnavailable(f"table {table!r} cannot be read: {err}") from err
+        return dt
 
     def schema(self, table: str) -> pa.Schema | None:
         try:
@@ -142,6 +193,89 @@ class Lake:
     def dataset(self, table: str) -> Any:
         """A ``pyarrow.dataset.Dataset`` of the table's current version."""
         return self.open(table).to_pyarrow_dataset()
+
+    def snapshot(self, table: str) -> Snapshot:
+        """The table's latest version as a ``Snapshot``; checked on every call, cached per version.
+
+        On local disk the check is two ``stat`` calls (the cached version's commit file is still
+        the same file and the next one is not there: Delta commits are numbered without gaps);
+        elsewhere the log is read from the cached version on (``update_incremental``).
+        """
+        known = self._snapshots.get(table)
+        if known is not None and self.is_local and self._is_latest(table, known):
+            return known
+        with self._lock:
+            known = self._snapshots.get(table)
+            if known is not None and self.is_local and known._commit != self._commit_mark(table, known.version):
+                self._cache.pop(table, None)  # written again from scratch: read its log from the start
+                self._snapshots.pop(table, None)
+            dt = self._open_locked(table, refresh=True)
+            for _ in range(5):
+                version = dt.version()
+                known = self._snapshots.get(table)
+                if known is not None and known.version == version:
+                    return known
+                try:
+                    snap = self._read_snapshot(table, dt, version)
+                except Exception as err:  # noqa: BLE001 - translate any driver error at the boundary
+                    raise LakeUnavailable(f"table {table!r} version {version} cannot be read: {err}") from err
+                if dt.version() == version:  # no commit was loaded while reading (an append updates dt)
+                    self._snapshots[table] = snap
+                    return snap
+            raise LakeUnavailable(f"table {table!r} changes faster than it can be read: run the query again")
+
+    def _is_latest(self, table: str, snap: Snapshot) -> bool:
+        return snap._commit == self._commit_mark(table, snap.version) and not os.path.exists(
+            self._commit_file(table, snap.version + 1))
+
+    def _commit_file(self, table: str, version: int) -> str:
+        return f"{self.uri(table).removeprefix('file://')}/_delta_log/{version:020d}.json"
+
+    def _commit_mark(self, table: str, version: int) -> tuple[int, ...] | None:
+        """Identity of a local commit file (inode, size, mtime): a table written again from
+        scratch has a commit of the same number but another file."""
+        try:
+            st = os.stat(self._commit_file(table, version))
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _read_snapshot(self, table: str, dt: Any, version: int) -> Snapshot:
+        schema = pa.schema(dt.schema().to_arrow())
+        partition_by = tuple(dt.metadata().partition_columns)
+        protocol = dt.protocol()
+        files: tuple[DataFile, ...] | None = None
+        if self.is_local and protocol.min_reader_version == 1:
+            base = os.path.abspath(self.uri(table).removeprefix("file://"))
+            actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+            columns = [c for c in schema.names if c not in partition_by]
+            out: list[DataFile] | None = []
+            for i, rel in enumerate(actions.get("path", [])):
+                rel = unquote(rel)  # the log holds URI-encoded paths relative to the table
+                if "://" in rel or rel.startswith("/"):
+                    out = None  # files outside the table folder (a shallow clone): read through the dataset
+                    break
+                out.append(DataFile(
+                    path=f"{base}/{rel}",
+                    partition={c: actions[f"partition.{c}"][i] if f"partition.{c}" in actions else None
+                               for c in partition_by},
+                    has_all_columns=all(_has_stats(actions, c, i) for c in columns),
+                ))
+            files = tuple(out) if out is not None else None
+        snap = Snapshot(table=table, version=version, schema=schema, partition_by=partition_by, files=files,
+                        _load=lambda: self._dataset_at(table, version),
+                        _commit=self._commit_mark(table, version) if self.is_local else None)
+        if not files:  # not plain Parquet, or no file at all: made now, while dt is at this version
+            snap._made["dataset"] = dt.to_pyarrow_dataset()
+        return snap
+
+    def _dataset_at(self, table: str, version: int) -> Any:
+        from deltalake import DeltaTable
+
+        try:
+            return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options).to_pyarrow_dataset()
+        except Exception as err:  # noqa: BLE001 - translate any driver error at the boundary
+            raise LakeUnavailable(f"table {table!r} version {version} cannot be read: {err}; run the query again") from err
 
     # ---- write -------------------------------------------------------------------------
     def append(
@@ -186,6 +320,13 @@ class Lake:
         """Drop the cached handle (after another process rewrote the table)."""
         with self._lock:
             self._cache.pop(table, None)
+            self._snapshots.pop(table, None)
+
+
+def _has_stats(actions: dict[str, list[Any]], column: str, row: int) -> bool:
+    """Whether file ``row`` has a null count for ``column`` (or one of its nested fields)."""
+    return any(values[row] is not None for key, values in actions.items()
+               if key == f"null_count.{column}" or key.startswith(f"null_count.{column}."))
 
 
 def _truthy(value: str | None) -> bool:
