@@ -125,7 +125,7 @@ class WindowForest(PointForest):
         first = np.vstack([np.repeat(z[:1], len(z) - start, axis=0) for _, z, start, _ in segments if len(z) > start]
                           or [np.empty((0, n_features))])
         mean, std = _window_stats(padded, w, where)
-        past, _ = _window_stats(padded, w, where - 1, spread=False)
+        past = _shifted_means(padded, w, where, mean)
         z = padded[where]
         dev = np.nan_to_num(z - past)
         lagged = padded[where - w]
@@ -196,20 +196,48 @@ def _window_stats(padded: np.ndarray, w: int, ends: np.ndarray, *, spread: bool 
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """Mean and standard deviation (ddof 1, NaN with fewer than two; None without ``spread``) of the
     non-NaN readings among the ``w`` rows of ``padded`` ending at each of ``ends`` (pandas'
-    ``rolling(w, min_periods=1)``)."""
-    import warnings
-
+    ``rolling(w, min_periods=1)``). The arithmetic of ``np.nanmean`` and ``np.nanstd`` step by step
+    (the same figures to the bit), sharing one copy of each window, its NaN mask and its sum."""
     windows = sliding_window_view(padded, w, axis=0)  # row j: padded[j:j + w], shape (rows, features, w)
     mean = np.empty((len(ends), padded.shape[1]))
     std = np.empty_like(mean) if spread else None
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows and single readings
+    with np.errstate(all="ignore"):  # all-NaN windows and single readings
         for lo in range(0, len(ends), CHUNK):
-            block = windows[ends[lo:lo + CHUNK] - w + 1]
-            mean[lo:lo + CHUNK] = np.nanmean(block, axis=-1)
+            block = windows[ends[lo:lo + CHUNK] - w + 1]  # a copy: NaNs are zeroed in place
+            mask = np.isnan(block)
+            gaps = bool(mask.any())
+            if gaps:
+                np.copyto(block, 0.0, where=mask)
+                count = np.sum(~mask, axis=-1, dtype=np.intp, keepdims=True)
+            else:
+                count = np.full((*block.shape[:-1], 1), w, dtype=np.intp)
+            avg = np.sum(block, axis=-1, keepdims=True)
+            np.divide(avg, count, out=avg, casting="unsafe")
+            mean[lo:lo + CHUNK] = avg[..., 0]
             if std is not None:
-                std[lo:lo + CHUNK] = np.nanstd(block, axis=-1, ddof=1)
+                np.subtract(block, avg, out=block)
+                if gaps:
+                    np.copyto(block, 0.0, where=mask)
+                np.multiply(block, block, out=block)
+                var = np.sum(block, axis=-1)
+                dof = count[..., 0] - 1
+                np.divide(var, dof, out=var, casting="unsafe")
+                var[dof <= 0] = np.nan
+                std[lo:lo + CHUNK] = np.sqrt(var)
     return mean, std
+
+
+def _shifted_means(padded: np.ndarray, w: int, where: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``_window_stats``' mean of the windows ending one row before each of ``where``, given ``mean``
+    of those ending at ``where``: a reading's previous window is the previous reading's window
+    wherever that was scored too (all but each segment's first), so only the others are computed."""
+    before = where - 1
+    known = np.r_[False, before[1:] == where[:-1]]
+    past = np.empty_like(mean)
+    past[known] = mean[np.flatnonzero(known) - 1]
+    if not known.all():
+        past[~known], _ = _window_stats(padded, w, before[~known], spread=False)
+    return past
 
 
 def hour_of_cycle(ts: np.ndarray, cycles: tuple[int, ...]) -> np.ndarray:

@@ -447,8 +447,9 @@ class AnomalyModel:
 
     def answers(self, raw: np.ndarray) -> list[dict[str, Any]]:
         """``{"prediction": flagged, "score": score}`` per score."""
-        threshold = self.threshold
-        return [{"prediction": bool(s > threshold), "score": float(s)} for s in raw]
+        raw = np.asarray(raw, dtype=float)
+        return [{"prediction": flag, "score": score}
+                for flag, score in zip((raw > self.threshold).tolist(), raw.tolist())]
 
     def predict_records(self, records: Records, *, ignore: Collection[str] = ()) -> list[dict[str, Any]]:
         """One answer per record: ``answers(predict_matrix(matrix_from_records(records)))``."""

@@ -554,11 +554,12 @@ class TabularModel:
     def answers(self, raw: np.ndarray) -> list[dict[str, Any]]:
         """Regress: ``{"prediction": value}``; classify: ``{"prediction": class, "probabilities": {class: p}}``."""
         if self.kind == "regress":
-            return [{"prediction": float(v)} for v in raw]
-        classes = self.classes or []
-        names = [str(c) for c in classes]
-        return [{"prediction": _plain(classes[int(k)]), "probabilities": dict(zip(names, map(float, row)))}
-                for k, row in zip(raw.argmax(axis=1), raw)]
+            return [{"prediction": v} for v in np.asarray(raw, dtype=float).tolist()]
+        classes = [_plain(c) for c in self.classes or []]
+        names = [str(c) for c in self.classes or []]
+        raw = np.asarray(raw, dtype=float)  # ``tolist``: Python floats for a whole batch at once
+        return [{"prediction": classes[k], "probabilities": dict(zip(names, row))}
+                for k, row in zip(raw.argmax(axis=1).tolist(), raw.tolist())]
 
     def predict_records(self, records: Records, *, ignore: Collection[str] = ()) -> list[dict[str, Any]]:
         """One answer per record: ``answers(predict_matrix(matrix_from_records(records)))``."""

@@ -172,12 +172,15 @@ class StreamScorer:
 
     POLL_SECONDS = 0.2
     MAX_ROWS = 100_000
+    YIELD_EVERY = 1_000
+    """Answers published between two turns of the event loop."""
 
     def __init__(self, runtime: ServingRuntime, nc: Any, name: str, table: str) -> None:
         self.runtime, self.nc = runtime, nc
         self.name, self.table = name, table
         self.app_id = f"iot2ml-stream-{name}"
         self.scored = 0
+        self._publishing: asyncio.Task[None] | None = None  # the answers of the last batch, on their way
 
     def _start_mark(self) -> int:
         """The last ``_seq`` scored (the mark in ``predictions``); on a first start, the table's newest."""
@@ -217,18 +220,26 @@ class StreamScorer:
         loop = asyncio.get_running_loop()
         mark = await loop.run_in_executor(None, self._start_mark)
         seen_version: int | None = None
-        while True:
-            version = await loop.run_in_executor(None, self._version)
-            if version is None or version == seen_version:
-                await asyncio.sleep(self.POLL_SECONDS)
-                continue
-            rows, more = await loop.run_in_executor(None, self._rows_after, mark)
-            if rows.num_rows:
-                seq_hi = int(rows.column("_seq")[rows.num_rows - 1].as_py())
-                await self._score(rows, seq_hi)
-                mark = seq_hi
-            if not more:
-                seen_version = version
+        try:
+            while True:
+                version = await loop.run_in_executor(None, self._version)
+                if version is None or version == seen_version:
+                    await asyncio.sleep(self.POLL_SECONDS)
+                    continue
+                rows, more = await loop.run_in_executor(None, self._rows_after, mark)
+                if rows.num_rows:
+                    seq_hi = int(rows.column("_seq")[rows.num_rows - 1].as_py())
+                    await self._score(rows, seq_hi)
+                    mark = seq_hi
+                if not more:
+                    seen_version = version
+        except asyncio.CancelledError:
+            if self._publishing is not None:
+                self._publishing.cancel()
+            raise
+        except Exception:
+            await self.flush()  # the answers of the rows already in the table still go out
+            raise
 
     def _entity(self, rows: Any, versions: list[Any]) -> Any:
         """The model's entity column (e.g. a wine ``batch_id``) as strings, else nulls (as batch scoring writes it)."""
@@ -245,7 +256,8 @@ class StreamScorer:
 
     async def _score(self, rows: Any, seq_hi: int) -> None:
         """Score the decoded rows column-wise, append them to ``predictions`` with the stream mark,
-        then publish each answer to its device."""
+        then publish each answer to its device: in a task, while the next rows are read and scored
+        (one batch's answers at a time, in order; ``flush`` waits for them)."""
         import pyarrow as pa
 
         from ..core.tables import PREDICTIONS, PREDICTIONS_SCHEMA
@@ -275,21 +287,61 @@ class StreamScorer:
         await loop.run_in_executor(None, lambda: self.runtime.lake.append(
             PREDICTIONS, table, app_id=self.app_id, version=seq_hi))
         self.scored += n
+        await self.flush()  # the previous batch's answers first
+        self._publishing = asyncio.ensure_future(self._publish(rows, table, cols, versions, error))
+
+    async def flush(self) -> None:
+        """Wait until the answers of the rows scored so far are published."""
+        if self._publishing is not None:
+            await asyncio.shield(self._publishing)
+
+    async def _publish(self, rows: Any, table: Any, cols: dict[str, Any] | None, versions: list[Any],
+                       error: str | None) -> None:
         devices = table.column("device_id").to_pylist()
-        stamps = rows.column("ts").to_pylist()
+        stamps = _iso_column(rows.column("ts"))
+        subjects = {d: reply_subject(d) for d in set(devices)}
         dumps = orjson.dumps
         publish = self.nc.publish
+        answers = cols["answers"] if cols else [None] * len(devices)
+        variants = cols["variant"] if cols else [None] * len(devices)
         try:
-            for k in range(n):
+            for k, (device, stamp, answer, version, variant) in enumerate(zip(devices, stamps, answers, versions,
+                                                                              variants)):
                 if cols:
-                    reply = {"request_id": None, "ts": _iso(stamps[k]), **cols["answers"][k], "model": self.name,
-                             "version": versions[k], "variant": cols["variant"][k]}
+                    reply = {"request_id": None, "ts": stamp, **answer, "model": self.name, "version": version,
+                             "variant": variant}
                 else:
-                    reply = {"request_id": None, "ts": _iso(stamps[k]), "model": self.name, "error": error}
-                await publish(reply_subject(devices[k]), dumps(reply, default=str))
+                    reply = {"request_id": None, "ts": stamp, "model": self.name, "error": error}
+                await publish(subjects[device], dumps(reply, default=str))
+                if k % self.YIELD_EVERY == self.YIELD_EVERY - 1:
+                    await asyncio.sleep(0)  # let requests and the next batch's steps in
         except Exception as err:  # noqa: BLE001 - the rows are in the table; the devices may read them there
             log.warning("could not publish streamed predictions: %s", err)
 
 
 def _iso(value: Any) -> Any:
     return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def _iso_column(column: Any) -> list[Any]:
+    """Each value of an Arrow column as ``_iso`` gives it (``datetime.isoformat()`` for a timestamp), at
+    once for a UTC or naive timestamp column of seconds to microseconds (no ``datetime`` per row)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if not pa.types.is_timestamp(kind) or kind.unit == "ns" or kind.tz not in (None, "UTC", "+00:00"):
+        return [_iso(v) for v in column.to_pylist()]
+    micros = pc.fill_null(pc.cast(pc.cast(column, pa.timestamp("us", tz=kind.tz)), pa.int64()), 0)
+    micros = micros.to_numpy(zero_copy_only=False)
+    text = np.datetime_as_string(micros.astype("datetime64[us]"), unit="us")
+    whole = micros % 1_000_000 == 0  # isoformat() leaves out a zero fraction
+    if whole.any():
+        text = np.where(whole, np.datetime_as_string(micros.astype("datetime64[us]"), unit="s"), text)
+    suffix = "" if kind.tz is None else "+00:00"
+    out = [t + suffix for t in text.tolist()]
+    if column.null_count:
+        for k in np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)).tolist():
+            out[k] = None
+    return out

@@ -343,6 +343,17 @@ def _plain_json(value: Any) -> Any:
     return str(value)
 
 
+def _row_hashes(matrix: Any) -> list[str]:
+    """``inputs_hash`` of each row of a streamed batch's model matrix: the digest of the row's bytes."""
+    import numpy as np
+
+    matrix = np.ascontiguousarray(matrix)
+    if matrix.ndim != 2 or not matrix.size:
+        return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in matrix]
+    blake2b, data, width = hashlib.blake2b, memoryview(matrix.tobytes()), matrix.shape[1] * matrix.itemsize
+    return [blake2b(data[k:k + width], digest_size=12).hexdigest() for k in range(0, len(data), width)]
+
+
 def inputs_hash(instance: dict[str, Any]) -> str:
     return hashlib.blake2b(orjson.dumps(instance, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
 
@@ -643,10 +654,13 @@ class ServingRuntime:
         devices = [None if d is None else str(d) for d in table.column("device_id").to_pylist()]
         routes = {d: spec.route(d, self._draw.random()) for d in set(devices)}
         groups: dict[Variant, list[int]] = {}
-        for i, d in enumerate(devices):
-            groups.setdefault(routes[d], []).append(i)
-        out: dict[str, list[Any]] = {k: [None] * n for k in ("version", "variant", "prediction", "label", "scores",
-                                                                "answers")}
+        if len(set(routes.values())) == 1:  # one variant answers every device (no canary or A/B split)
+            groups[next(iter(routes.values()))] = list(range(n))
+        else:
+            for i, d in enumerate(devices):
+                groups.setdefault(routes[d], []).append(i)
+        out: dict[str, list[Any]] = {} if len(groups) == 1 else {
+            k: [None] * n for k in ("version", "variant", "prediction", "label", "scores", "answers")}
         for variant, index in groups.items():
             part = table if len(groups) == 1 else table.take(index)
             started = time.perf_counter()
@@ -661,13 +675,20 @@ class ServingRuntime:
                 log.warning("%s variant %s failed on streamed rows (%s); the primary answers", name, variant.label, err)
                 used = spec.primary
                 version, cols = await self._score_table(name, used, part, devices, index, source, started)
-            for k, i in enumerate(index):
-                out["version"][i] = version
-                out["variant"][i] = used.label
-                out["prediction"][i] = None if cols["prediction"] is None else float(cols["prediction"][k])
-                out["label"][i] = None if cols["label"] is None else cols["label"][k]
-                out["scores"][i] = None if cols["scores"] is None else cols["scores"][k]
-                out["answers"][i] = cols["answers"][k]
+            m = len(index)
+            part_out = {"version": [version] * m, "variant": [used.label] * m,
+                        "prediction": [None] * m if cols["prediction"] is None else
+                        [None if p is None else float(p) for p in cols["prediction"]],
+                        "label": [None] * m if cols["label"] is None else cols["label"],
+                        "scores": [None] * m if cols["scores"] is None else cols["scores"],
+                        "answers": cols["answers"]}
+            if len(groups) == 1:
+                out = part_out
+            else:
+                for key, values in part_out.items():
+                    column = out[key]
+                    for i, value in zip(index, values):
+                        column[i] = value
             if spec.shadow is not None:
                 asyncio.get_running_loop().create_task(self._shadow_table(name, spec.shadow, part, devices, index,
                                                                           source))
@@ -683,21 +704,43 @@ class ServingRuntime:
         def work() -> dict[str, Any]:
             prepared = loaded.predictor.prepare_table(part)
             cols = loaded.predictor.score_table(prepared)
-            cols["hashes"] = [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in prepared.rows]
+            cols["hashes"] = _row_hashes(prepared.rows)
             return cols
 
         cols = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         self._record(name, variant, started, ok=True, version=version)
         self._capture_table(name, variant, version, loaded, part, devices, index, source, cols["answers"])
         if self.plog.lake is not None:
-            now = datetime.now(UTC)
-            latency = (time.perf_counter() - started) * 1000.0
-            seqs = part.column("_seq").to_pylist() if "_seq" in part.column_names else [None] * part.num_rows
-            dumps = orjson.dumps
-            self.plog.add([(now, f"{source}:{name}:{seq}", name, version, variant.label, source, devices[i], latency,
-                            h, dumps(a).decode(), True, None)
-                           for i, seq, h, a in zip(index, seqs, cols["hashes"], cols["answers"])])
+            self.plog.add_table(self._log_table(name, variant, version, part, devices, index, source, started, cols))
         return version, cols
+
+    @staticmethod
+    def _log_table(name: str, variant: Variant, version: int, part: Any, devices: list[Any], index: list[int],
+                   source: str, started: float, cols: dict[str, Any]) -> Any:
+        """The ``prediction_log`` rows of streamed rows ``part``, column-wise: request id
+        ``SOURCE:NAME:_seq``, one answer each."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from ..core.tables import PREDICTION_LOG_SCHEMA as schema
+
+        n = part.num_rows
+        seqs = pc.cast(part.column("_seq"), pa.string()) if "_seq" in part.column_names else pa.nulls(n, pa.string())
+        dumps = orjson.dumps
+        return pa.table({
+            "ts": pa.repeat(pa.scalar(datetime.now(UTC), schema.field("ts").type), n),
+            "request_id": pc.binary_join_element_wise(f"{source}:{name}:", pc.fill_null(seqs, "None"), ""),
+            "model": pa.repeat(pa.scalar(name, pa.string()), n),
+            "version": pa.repeat(pa.scalar(version, pa.int64()), n),
+            "variant": pa.repeat(pa.scalar(variant.label, pa.string()), n),
+            "source": pa.repeat(pa.scalar(source, pa.string()), n),
+            "device_id": pa.array(devices if len(index) == len(devices) else [devices[i] for i in index], pa.string()),
+            "latency_ms": pa.repeat(pa.scalar((time.perf_counter() - started) * 1000.0, pa.float64()), n),
+            "inputs_hash": pa.array(cols["hashes"], pa.string()),
+            "prediction": pa.array([dumps(a).decode() for a in cols["answers"]], pa.string()),
+            "ok": pa.repeat(pa.scalar(True), n),
+            "error": pa.nulls(n, pa.string()),
+        }, schema=schema)
 
     async def _shadow_table(self, name: str, variant: Variant, part: Any, devices: list[Any], index: list[int],
                             source: str) -> None:
