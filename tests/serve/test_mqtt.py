@@ -204,3 +204,38 @@ def test_streaming_deployment_scores_every_arriving_row_once_across_a_restart(mq
     c.loop_stop()
     c.disconnect()
 
+
+
+def test_a_device_over_its_rate_limit_gets_an_error_answer_over_mqtt(mqtt_served):
+    """MQTT requests count against the device's limits as its HTTP ones do (auth.limits): past the
+    burst the answer is an error naming the limit; another device is served meanwhile."""
+    from iot2ml.api import create_serve_app
+    from iot2ml.components import serving_runtime
+
+    settings, _bench, catalog, deployments, broker, _start = mqtt_served
+    limited = settings.model_copy(update={"limit_device_rate": 2, "limit_device_burst": 5})
+    fast, calm = f"ws-fast{time.monotonic_ns()}", f"ws-calm{time.monotonic_ns()}"
+    tok_fast, tok_calm = Devices(catalog).add_device(fast, "wine"), Devices(catalog).add_device(calm, "wine")
+    broker.service.poke()
+    broker.wait_reload()
+    deployments.put(build_spec(None, "wine", devices="wine"), who="test", action="deploy")
+    app = create_serve_app(limited, catalog=catalog, runtime=serving_runtime(limited, catalog), nats_url=broker.url)
+    server = ServerThread(app, free_port())
+    try:
+        deadline = time.monotonic() + 20
+        while "wine" not in app.state.runtime._specs and time.monotonic() < deadline:
+            time.sleep(0.1)
+        f, inbox_f = client(broker.mqtt_port, fast, tok_fast, subscribe=f"devices/{fast}/predictions")
+        c, inbox_c = client(broker.mqtt_port, calm, tok_calm, subscribe=f"devices/{calm}/predictions")
+        time.sleep(0.3)
+        for i in range(30):
+            f.publish(f"devices/{fast}/predict", json.dumps({"request_id": f"f{i}", **instance(i)}), qos=1)
+        replies = [inbox_f.get(timeout=10)[1] for _ in range(30)]
+        refused = [r for r in replies if "error" in r]
+        assert 5 <= 30 - len(refused) <= 8, replies  # the burst, and what the rate refilled meanwhile
+        assert all(f"rate limit: device {fast} over 2 requests/s" in r["error"] for r in refused)
+        c.publish(f"devices/{calm}/predict", json.dumps({"request_id": "c1", **instance(1)}), qos=1)
+        _, reply = inbox_c.get(timeout=10)
+        assert reply["request_id"] == "c1" and "prediction" in reply
+    finally:
+        server.stop()

@@ -25,6 +25,7 @@ from ..core.http import (
     PERMISSION_KEY,
     PUBLIC,
     Credentials,
+    Principal,
     add_metrics_route,
     document_permissions,
     install_audit,
@@ -55,8 +56,13 @@ def create_serve_app(settings: Settings, *, catalog: Catalog, runtime: ServingRu
             from ..serve.mqtt import run_device_channels
 
             channels["stop"] = asyncio.Event()
+            def admit(device: str, nbytes: int) -> None:  # a device's MQTT requests count as its HTTP ones
+                who = Principal("device", device, "")
+                guard.limits.admit(who)
+                guard.limits.charge(who, nbytes)
+
             channels["task"] = asyncio.create_task(run_device_channels(settings, runtime, guard.devices, nats_url,
-                                                                       channels["stop"]))
+                                                                       channels["stop"], admit=admit))
         try:
             yield
         finally:

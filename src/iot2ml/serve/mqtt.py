@@ -84,8 +84,11 @@ async def _connect(url: str | Callable[[], str]) -> Any:
 
 
 async def run_device_channels(settings: Any, runtime: ServingRuntime, devices: DeviceDirectory,
-                              url: str | Callable[[], str], stop: asyncio.Event) -> None:
-    """Answer MQTT requests and run streaming deployments until ``stop`` is set."""
+                              url: str | Callable[[], str], stop: asyncio.Event, *,
+                              admit: Callable[[str, int], None] | None = None) -> None:
+    """Answer MQTT requests and run streaming deployments until ``stop`` is set. ``admit(device,
+    nbytes)`` counts a request against the device's rate limit and payload quota (``auth.limits``)
+    and raises ``RateLimited`` when over: the device gets ``{"error": ...}`` naming the limit."""
     nc = await _connect(url)
     types = _DeviceTypes(devices)
     await asyncio.get_running_loop().run_in_executor(None, types.refresh)
@@ -95,6 +98,8 @@ async def run_device_channels(settings: Any, runtime: ServingRuntime, devices: D
         device = subject.split(".")[1]
         request_id = None
         try:
+            if admit is not None:
+                admit(device, len(data))
             try:
                 body = orjson.loads(data)
             except orjson.JSONDecodeError as err:
