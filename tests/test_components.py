@@ -159,7 +159,7 @@ def test_the_real_registry_drives_ports_and_banner():
     assert ports == {"nats_port", "mqtt_port", "http_port", "serve_port"}  # no TLS: no MQTTS port
     chosen = [getattr(platform.settings, p) for p in sorted(ports)]
     assert all(chosen) and len(set(chosen)) == 4
-    assert set(platform.urls) == {"mqtt", "nats", "http", "metrics", "serve"}
+    assert set(platform.urls) == {"mqtt", "nats", "ui", "http", "metrics", "serve"}
     assert json.dumps(platform.status("up"))  # what up.json holds is JSON
     assert platform.urls["http"].startswith("http://")
 
@@ -171,5 +171,5 @@ def test_tls_adds_the_mqtts_port_and_https_and_can_drop_plain_mqtt():
     assert {p.setting for p in active_ports(platform.settings)} == {"nats_port", "mqtts_port", "http_port",
                                                                      "serve_port"}
     assert platform.settings.mqtts_port
-    assert set(platform.urls) == {"mqtts", "nats", "http", "metrics", "serve"}
+    assert set(platform.urls) == {"mqtts", "nats", "ui", "http", "metrics", "serve"}
     assert platform.urls["http"].startswith("https://") and platform.urls["serve"].startswith("https://")

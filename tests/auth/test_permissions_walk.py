@@ -180,7 +180,7 @@ ISSUE_TABLE = {  # the permission each route of the API declares: what issue 11 
     "GET /api/v1/alerts/history": "alerts:read", "DELETE /api/v1/alerts/{name}": "alerts:write",
     "POST /api/v1/alerts/{id}/ack": "alerts:write", "POST /api/v1/alerts/{name}/silence": "alerts:write",
     "GET /api/v1/monitor/{model}": "alerts:read",
-    "GET /metrics": PUBLIC, "GET /healthz": PUBLIC,
+    "GET /metrics": PUBLIC, "GET /healthz": PUBLIC, "GET /": PUBLIC,
 }
 
 

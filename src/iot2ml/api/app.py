@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import RedirectResponse
 
 from ..auth import Guard
 from ..auth.audit import AuditLog, read_audit
@@ -193,6 +194,25 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "broker": broker.connected}
 
+    @app.get("/", summary="The web UI (redirect to /ui/)", openapi_extra={PERMISSION_KEY: PUBLIC})
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    _mount_ui(app, settings, guard)
     app.state.runtime = runtime
     app.state.audit = audit
     return app
+
+
+def _mount_ui(app: FastAPI, settings: Settings, guard: Guard) -> None:
+    """The Dash UI (``ui/``) on this port under ``/ui``, with this process's users and permissions."""
+    from a2wsgi import WSGIMiddleware
+
+    from ..ui import UIDeps, create_ui
+
+    def devices() -> list[dict[str, Any]]:
+        return [{"device_id": d.device_id, "type": d.type, "active": d.active} for d in guard.devices.list_devices()]
+
+    ui = create_ui(UIDeps(login=lambda user, password, address: guard.users.login(user, password, address=address),
+                          authorize=guard.authorize, devices=devices, secure=settings.tls_on))
+    app.mount("/ui", WSGIMiddleware(ui.server))
