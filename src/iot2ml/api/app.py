@@ -194,7 +194,9 @@ def create_app(settings: Settings, *, nats_url: str | None = None, lake: Lake | 
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "broker": broker.connected}
 
-    @app.get("/", summary="The web UI (redirect to /ui/)", openapi_extra={PERMISSION_KEY: PUBLIC})
+    @app.get("/", summary="The web UI (redirect to /ui/)", openapi_extra={PERMISSION_KEY: PUBLIC},
+             response_class=RedirectResponse, status_code=307,
+             responses={200: {"description": "The UI's page, after the redirect", "content": {"text/html": {}}}})
     async def root() -> RedirectResponse:
         return RedirectResponse("/ui/")
 
