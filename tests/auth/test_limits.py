@@ -467,7 +467,7 @@ def test_mqtt_a_flooding_device_is_dead_lettered_while_another_lands_every_readi
 
 def test_the_sdk_raises_rate_limited_with_retry_after(limited):
     """iot2ml.Client over real HTTP: a 429 is a ``RateLimited`` (a ``Transient``) carrying Retry-After."""
-    from test_users_cli import serving
+    from apiserver import serving
 
     import iot2ml
     from iot2ml.core.errors import RateLimited, Transient

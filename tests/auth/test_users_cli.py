@@ -3,17 +3,15 @@ trail, against a real API served by uvicorn on a free port."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ports import free_port  # below the ephemeral range: tests/ports.py
+from apiserver import serving
 from typer.testing import CliRunner
 
 from iot2ml import Client
@@ -27,28 +25,6 @@ def cli(data_dir: Path, *args: str, input: str | None = None) -> Any:
     result = CliRunner().invoke(app, [*args, "--data-dir", str(data_dir)], input=input)
     assert result.exit_code == 0, result.output
     return result
-
-
-@contextlib.contextmanager
-def serving(settings: Any) -> Iterator[str]:
-    """The API app of ``settings`` under uvicorn on a free port; its URL."""
-    import uvicorn
-
-    from iot2ml.api import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from apiserver import serving
 
 from iot2ml.auth.store import Devices
 from iot2ml.auth.users import Users
@@ -29,11 +29,6 @@ def chromium() -> str:
 
 @pytest.fixture
 def ui(settings) -> Iterator[str]:
-    import uvicorn
-    from ports import free_port
-
-    from iot2ml.api import create_app
-
     catalog = Catalog(settings.catalog)
     Users(catalog).add_user("ana", PASSWORD, "viewer")
     devices = Devices(catalog)
@@ -41,18 +36,8 @@ def ui(settings) -> Iterator[str]:
         devices.add_device(f"pump-{i:03d}", "pump")
     devices.add_device("wine-1", "wine")
     devices.remove_device("pump-007")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, catalog=catalog), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(15)
+    with serving(settings) as url:
+        yield url
     catalog.close()
 
 

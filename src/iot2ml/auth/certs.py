@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from ..core.catalog import Catalog
 from ..core.devices import BrokerIdentity
-from ..core.errors import AlreadyExists, InvalidInput, NotFound
+from ..core.errors import AlreadyExists, NotFound
 from ..core.ids import check_device_id, check_type_name
 from .ca import CertificateAuthority, Issued, subject_dn
 from .store import Devices, _certs, _claims, _devices, _iso
@@ -173,8 +173,3 @@ class Certificates:
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
-
-def check_csr_text(value: object) -> str:
-    if not isinstance(value, str) or "BEGIN CERTIFICATE REQUEST" not in value:
-        raise InvalidInput('send {"csr": "<PEM certificate signing request>"}')
-    return value

@@ -8,9 +8,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from ..core.config import Settings
 from ..core.devices import CertificateDirectory, DeviceDirectory
@@ -124,14 +124,15 @@ class BrokerService:
                     raise PortInUse({"--mqtts-port": self.door_ports.mqtt_port}) from exc
                 raise
 
-    def apply_now(self) -> None:
-        """Render the configs from the catalog and make both servers load them before returning
-        (provisioning answers only once the new device can connect)."""
+    def apply_now(self, *, wait: bool = True) -> None:
+        """Render the configs from the catalog and make both servers load them; with ``wait``, return
+        once the door says it loaded its config (provisioning answers only once the new device can
+        connect)."""
         with self._render_lock:
             self._render()
             self.nats.reload()
             if self.door_nats is not None:
-                self.door_nats.reload_and_wait()
+                self.door_nats.reload_and_wait() if wait else self.door_nats.reload()
 
     def start(self) -> None:
         for attempt in range(3):
@@ -176,11 +177,7 @@ class BrokerService:
         """Re-render and reload if the catalog changed; True if it did."""
         if self.devices.version() == self._seen_version:
             return False
-        with self._render_lock:
-            self._render()
-            self.nats.reload()
-            if self.door_nats is not None:
-                self.door_nats.reload()
+        self.apply_now(wait=False)
         log.info("catalog changed: broker users reloaded")
         return True
 
